@@ -1,0 +1,338 @@
+"""BERT in Flax NNX, laid out with HuggingFace's parameter names.
+
+The module tree mirrors `transformers.BertForSequenceClassification`
+(`bert.embeddings.word_embeddings`, `bert.encoder.layer[i].attention.self.query`, ...,
+`bert.pooler.dense`, `classifier`), so `checkpoints.py` maps names one to one: a Linear's
+`weight` is our `kernel` transposed, a LayerNorm's `weight` is our `scale`.
+
+Precision: parameters are stored in `param_dtype` (float32) and matmuls run in `dtype`
+(e.g. bfloat16); LayerNorm statistics, attention softmax, the pooler, the classifier and the
+returned `cls` vectors are float32 whatever `dtype` is.
+
+Calls are functional: dropout keys come in through `rngs=` (a PRNG key), so the same module can
+be merged from a params pytree inside a jitted, vmapped step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_ACTIVATIONS = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """The architecture. Hashable, so it can sit in a module's static graph."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    classifier_dropout: float | None = None
+    num_labels: int = 2
+    # Label names in id order (exported as id2label); None: LABEL_0, LABEL_1, ...
+    label_names: tuple[str, ...] | None = None
+    # Rematerialise each encoder layer in the backward pass (less memory, ~1/3 more compute).
+    remat: bool = False
+    # "auto": cuDNN flash attention on GPU for half precision, XLA elsewhere; or "xla", "cudnn".
+    attention_impl: str = "auto"
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not a multiple of "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(_ACTIVATIONS)}"
+            )
+        if self.attention_impl not in ("auto", "xla", "cudnn"):
+            raise ValueError(f"attention_impl={self.attention_impl!r}: use auto, xla or cudnn")
+        if self.label_names is not None and len(self.label_names) != self.num_labels:
+            raise ValueError(f"{len(self.label_names)} label_names for num_labels={self.num_labels}")
+
+    @classmethod
+    def from_hf(cls, hf: Any, **overrides) -> "BertConfig":
+        """From a `transformers.BertConfig` (or its dict); `overrides` win."""
+        d = hf if isinstance(hf, dict) else hf.to_dict()
+        pos = d.get("position_embedding_type", "absolute")
+        if pos != "absolute":
+            raise ValueError(f"position_embedding_type={pos!r} is not supported (only 'absolute')")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in fields}
+        id2label = d.get("id2label") or {}
+        names = tuple(id2label[k] for k in sorted(id2label, key=int))
+        kwargs["num_labels"] = overrides.get("num_labels", len(names) or cls.num_labels)
+        if len(names) == kwargs["num_labels"] and names != tuple(f"LABEL_{i}" for i in range(len(names))):
+            kwargs["label_names"] = names
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """Fields of a HF `config.json` for BertForSequenceClassification."""
+        d = dataclasses.asdict(self)
+        for k in ("label_names", "remat", "attention_impl"):
+            d.pop(k)
+        names = self.label_names or tuple(f"LABEL_{i}" for i in range(self.num_labels))
+        d["id2label"] = {i: n for i, n in enumerate(names)}
+        d["label2id"] = {n: i for i, n in enumerate(names)}
+        d["problem_type"] = "regression" if self.num_labels == 1 else "single_label_classification"
+        d["position_embedding_type"] = "absolute"
+        d["model_type"] = "bert"
+        d["architectures"] = ["BertForSequenceClassification"]
+        return d
+
+
+class BertOutput(NamedTuple):
+    logits: jax.Array  # [B, num_labels] float32
+    pooled: jax.Array  # [B, H] float32
+    cls: jax.Array  # [L, B, H] float32: the [CLS] vector after encoder layers 1..L
+    hidden_states: jax.Array | None = None  # [L+1, B, S, H] (embeddings first), on request
+
+
+def _split(rngs: jax.Array | None, n: int) -> list[jax.Array | None]:
+    return [None] * n if rngs is None else list(jax.random.split(rngs, n))
+
+
+class _Factory:
+    """Builds layers with the config's dtypes and BERT's N(0, initializer_range) init."""
+
+    def __init__(self, config: BertConfig, dtype, param_dtype, rngs: nnx.Rngs):
+        self.c, self.dtype, self.param_dtype, self.rngs = config, dtype, param_dtype, rngs
+        self.init = nnx.initializers.normal(config.initializer_range)
+
+    def linear(self, n_in: int, n_out: int, dtype=None) -> nnx.Linear:
+        return nnx.Linear(
+            n_in, n_out, dtype=dtype or self.dtype, param_dtype=self.param_dtype,
+            kernel_init=self.init, rngs=self.rngs,
+        )
+
+    def layer_norm(self) -> nnx.LayerNorm:
+        # use_fast_variance=False: E[(x-mean)^2] like torch, not E[x^2]-mean^2.
+        return nnx.LayerNorm(
+            self.c.hidden_size, epsilon=self.c.layer_norm_eps, dtype=self.dtype,
+            param_dtype=self.param_dtype, use_fast_variance=False, rngs=self.rngs,
+        )
+
+    def embed(self, n: int) -> nnx.Embed:
+        return nnx.Embed(
+            n, self.c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+            embedding_init=self.init, rngs=self.rngs,
+        )
+
+
+class BertEmbeddings(nnx.Module):
+    def __init__(self, f: _Factory):
+        c = f.c
+        self.word_embeddings = f.embed(c.vocab_size)
+        self.position_embeddings = f.embed(c.max_position_embeddings)
+        self.token_type_embeddings = f.embed(c.type_vocab_size)
+        self.LayerNorm = f.layer_norm()
+        self.dropout = nnx.Dropout(c.hidden_dropout_prob)
+
+    def __call__(self, input_ids, token_type_ids, deterministic, rngs):
+        positions = jnp.arange(input_ids.shape[-1])[None, :]
+        x = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(positions)
+            + self.token_type_embeddings(token_type_ids)
+        )
+        return self.dropout(self.LayerNorm(x), deterministic=deterministic, rngs=rngs)
+
+
+class BertSelfAttention(nnx.Module):
+    def __init__(self, f: _Factory):
+        c = f.c
+        self.num_heads = c.num_attention_heads
+        self.head_dim = c.hidden_size // c.num_attention_heads
+        self.dropout_rate = c.attention_probs_dropout_prob
+        self.impl = c.attention_impl
+        self.query = f.linear(c.hidden_size, c.hidden_size)
+        self.key = f.linear(c.hidden_size, c.hidden_size)
+        self.value = f.linear(c.hidden_size, c.hidden_size)
+
+    def __call__(self, x, mask, lengths, deterministic, rngs):
+        b, s, _ = x.shape
+        heads = lambda t: t.reshape(b, s, self.num_heads, self.head_dim)  # noqa: E731
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        if not deterministic and self.dropout_rate > 0:
+            out = self._attention_with_dropout(q, k, v, mask, rngs)
+        elif self._use_cudnn(x.dtype):
+            # cuDNN's padding mask takes sequence lengths (right padding, as tokenizers pad).
+            out = jax.nn.dot_product_attention(
+                q, k, v, key_value_seq_lengths=lengths, implementation="cudnn"
+            )
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+        return out.reshape(b, s, -1)
+
+    def _use_cudnn(self, dtype) -> bool:
+        if self.impl != "auto":
+            return self.impl == "cudnn"
+        return jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
+
+    def _attention_with_dropout(self, q, k, v, mask, rng):
+        # jax.nn.dot_product_attention has no dropout on the probabilities; BERT training has.
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        logits = jnp.where(mask, logits / jnp.sqrt(self.head_dim), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1)
+        keep = jax.random.bernoulli(rng, 1.0 - self.dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - self.dropout_rate), 0.0).astype(v.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class BertAddNorm(nnx.Module):
+    """HF's BertSelfOutput / BertOutput: LayerNorm(dropout(dense(x)) + residual)."""
+
+    def __init__(self, f: _Factory, n_in: int):
+        self.dense = f.linear(n_in, f.c.hidden_size)
+        self.LayerNorm = f.layer_norm()
+        self.dropout = nnx.Dropout(f.c.hidden_dropout_prob)
+
+    def __call__(self, x, residual, deterministic, rngs):
+        x = self.dropout(self.dense(x), deterministic=deterministic, rngs=rngs)
+        return self.LayerNorm(x + residual)
+
+
+class BertAttention(nnx.Module):
+    def __init__(self, f: _Factory):
+        self.self = BertSelfAttention(f)
+        self.output = BertAddNorm(f, f.c.hidden_size)
+
+
+class BertIntermediate(nnx.Module):
+    def __init__(self, f: _Factory):
+        self.dense = f.linear(f.c.hidden_size, f.c.intermediate_size)
+        self.act = _ACTIVATIONS[f.c.hidden_act]
+
+    def __call__(self, x):
+        return self.act(self.dense(x))
+
+
+class BertLayer(nnx.Module):
+    def __init__(self, f: _Factory):
+        self.attention = BertAttention(f)
+        self.intermediate = BertIntermediate(f)
+        self.output = BertAddNorm(f, f.c.intermediate_size)
+
+    def __call__(self, x, mask, lengths, deterministic, rngs):
+        r_attn, r_attn_out, r_out = _split(rngs, 3)
+        a = self.attention.self(x, mask, lengths, deterministic, r_attn)
+        x = self.attention.output(a, x, deterministic, r_attn_out)
+        return self.output(self.intermediate(x), x, deterministic, r_out)
+
+
+class BertEncoder(nnx.Module):
+    def __init__(self, f: _Factory):
+        self.layer = nnx.List([BertLayer(f) for _ in range(f.c.num_hidden_layers)])
+        self.remat = f.c.remat
+
+    def __call__(self, x, mask, lengths, deterministic, rngs):
+        """Returns the output of every layer, [L, B, S, H]-stackable list."""
+        outputs = []
+        for layer, r in zip(self.layer, _split(rngs, len(self.layer))):
+            if self.remat:
+                x = nnx.remat(lambda m, *a: m(*a), static_argnums=(4,))(
+                    layer, x, mask, lengths, deterministic, r
+                )
+            else:
+                x = layer(x, mask, lengths, deterministic, r)
+            outputs.append(x)
+        return outputs
+
+
+class BertPooler(nnx.Module):
+    def __init__(self, f: _Factory):
+        self.dense = f.linear(f.c.hidden_size, f.c.hidden_size, dtype=jnp.float32)
+
+    def __call__(self, first_token):
+        return jnp.tanh(self.dense(first_token.astype(jnp.float32)))
+
+
+class BertModel(nnx.Module):
+    def __init__(self, f: _Factory):
+        self.embeddings = BertEmbeddings(f)
+        self.encoder = BertEncoder(f)
+        self.pooler = BertPooler(f)
+
+
+class BertForSequenceClassification(nnx.Module):
+    """BERT encoder + pooler + a linear head (num_labels=1: regression)."""
+
+    def __init__(
+        self,
+        config: BertConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.config = config
+        self.dtype = dtype
+        f = _Factory(config, dtype, param_dtype, rngs)
+        self.bert = BertModel(f)
+        rate = config.classifier_dropout
+        self.dropout = nnx.Dropout(config.hidden_dropout_prob if rate is None else rate)
+        self.classifier = f.linear(config.hidden_size, config.num_labels, dtype=jnp.float32)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        deterministic: bool = True,
+        *,
+        rngs: jax.Array | None = None,
+        output_hidden_states: bool = False,
+    ) -> BertOutput:
+        """Forward pass. `rngs`: a PRNG key for dropout, required when not deterministic."""
+        if not deterministic and rngs is None:
+            raise ValueError("deterministic=False needs a dropout key: pass rngs=jax.random.key(...)")
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        mask = attention_mask.astype(bool)[:, None, None, :]  # [B, 1, 1(query), S(key)]
+        lengths = attention_mask.sum(-1).astype(jnp.int32)
+        r_emb, r_enc, r_head = _split(rngs, 3)
+        bert = self.bert
+        x0 = bert.embeddings(input_ids, token_type_ids, deterministic, r_emb)
+        layers = bert.encoder(x0, mask, lengths, deterministic, r_enc)
+        cls = jnp.stack([h[:, 0] for h in layers]).astype(jnp.float32)
+        pooled = bert.pooler(layers[-1][:, 0])
+        logits = self.classifier(self.dropout(pooled, deterministic=deterministic, rngs=r_head))
+        hidden = jnp.stack([x0, *layers]) if output_hidden_states else None
+        return BertOutput(logits=logits, pooled=pooled, cls=cls, hidden_states=hidden)
+
+
+def param_count(model: nnx.Module, *, embeddings: bool = True) -> int:
+    """Number of parameters; embeddings=False leaves out the embedding tables (as the paper)."""
+    params = nnx.state(model, nnx.Param)
+    total = 0
+    for path, leaf in nnx.to_flat_state(params):
+        if embeddings or "embeddings" not in path:
+            total += leaf[...].size
+    return total

