@@ -316,7 +316,8 @@ class BertForSequenceClassification(nnx.Module):
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         mask = attention_mask.astype(bool)[:, None, None, :]  # [B, 1, 1(query), S(key)]
-        lengths = attention_mask.sum(-1).astype(jnp.int32)
+        # At least 1: an all-padding row (filler in a last eval batch) must not give cuDNN 0 keys.
+        lengths = jnp.maximum(attention_mask.sum(-1), 1).astype(jnp.int32)
         r_emb, r_enc, r_head = _split(rngs, 3)
         bert = self.bert
         x0 = bert.embeddings(input_ids, token_type_ids, deterministic, r_emb)

@@ -1,6 +1,7 @@
 """Shared fixtures. Eight fake CPU devices so sharded steps are tested without hardware."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import jax
@@ -8,6 +9,7 @@ import pytest
 
 jax.config.update("jax_num_cpu_devices", 8)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ["PKD_JAX_CACHE"] = tempfile.mkdtemp(prefix="pkd_jax_test_cache_")  # never ~/.cache
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = REPO.parent / "shared" / "glue"
