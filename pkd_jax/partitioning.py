@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+log = logging.getLogger(__name__)
+
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -32,7 +34,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         return
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
-    logging.info("process %d of %d, %d local devices of %d", jax.process_index(), jax.process_count(),
+    log.info("process %d of %d, %d local devices of %d", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
 
 

@@ -1,4 +1,4 @@
-"""Train state, jitted fine-tune / distillation steps over a device mesh.
+"""Train state, jitted fine-tune / distillation steps over a device mesh, and the run loop.
 
 Steps are pure functions `(state, [teacher_params,] batch) -> (state, metrics)`; `compile_step`
 jits them once with explicit shardings and the state donated. Only the student is
@@ -9,6 +9,12 @@ differentiated: the teacher's forward pass (online mode) runs inside the same pr
 
 from __future__ import annotations
 
+import json
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
 from typing import Any, Callable
 
 import flax.struct
@@ -18,7 +24,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pkd_jax import losses, partitioning
+from pkd_jax import bert, checkpoints, data, losses, metrics, optim, partitioning
+
+log = logging.getLogger(__name__)
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -98,26 +106,27 @@ def make_finetune_step(graphdef, tx: optax.GradientTransformation, *, regression
 
 
 def make_distill_step(graphdef, tx: optax.GradientTransformation, *, layer_map: tuple[int, ...],
-                      teacher_graphdef=None, normalize: bool = True, mode: str = "compat",
-                      regression: bool = False, distance="mse"):
+                      teacher_graphdef=None, teacher_dropout: bool = False, normalize: bool = True,
+                      mode: str = "compat", regression: bool = False, distance="mse"):
     """The PKD step: (1-α)·CE + α·KD(T) + β·patient, α/β/T read from `state.hparams`.
 
     layer_map: 1-indexed teacher layers matched to student layers 1..k-1 (`losses.layer_map`).
-    teacher_graphdef given: online mode, `step(state, teacher_params, batch)` runs the teacher.
+    teacher_graphdef given: online mode, `step(state, teacher_params, batch)` runs the teacher
+    (with its own dropout when `teacher_dropout`: a differently perturbed view every step).
     None: cached mode, `step(state, None, batch)` reads `teacher_logits` / `teacher_cls`.
     """
     k_minus_1 = len(layer_map)
     teacher_index = np.asarray(layer_map, np.int32) - 1  # cls[l-1] is after layer l
 
-    def teacher_outputs(teacher_params, batch):
+    def teacher_outputs(teacher_params, batch, rng):
         if teacher_graphdef is None:
             return batch["teacher_logits"], jnp.swapaxes(batch["teacher_cls"], 0, 1)
-        out = forward(teacher_graphdef, teacher_params, batch)
+        out = forward(teacher_graphdef, teacher_params, batch, rng=rng if teacher_dropout else None)
         return jax.lax.stop_gradient(out.logits), jax.lax.stop_gradient(out.cls[teacher_index])
 
     def step(state: TrainState, teacher_params, batch: Batch) -> tuple[TrainState, Metrics]:
-        rng = jax.random.fold_in(state.rng, state.step)
-        t_logits, t_cls = teacher_outputs(teacher_params, batch)
+        rng = jax.random.fold_in(state.rng, state.step)  # as in fine-tuning: α=β=0 is the FT step
+        t_logits, t_cls = teacher_outputs(teacher_params, batch, jax.random.fold_in(rng, 1))
         hp = state.hparams
 
         def loss_fn(params):
@@ -161,3 +170,446 @@ def compile_step(step: Callable, state, mesh, *, fsdp: bool = False) -> Callable
 def place(tree, mesh, fsdp: bool = False):
     """Put a state / params pytree on the mesh (replicated, or FSDP-sharded)."""
     return jax.device_put(tree, partitioning.state_sharding(tree, mesh, fsdp))
+
+
+# ============================================================================================
+# The run: config checks, data, models, loop, evaluation, export
+# ============================================================================================
+
+_KINDS = ("finetune", "distill")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
+_TRAIN_INPUTS = (*_MODEL_INPUTS, "labels", "teacher_logits", "teacher_cls")
+
+
+class Preempted(Exception):
+    """SIGTERM arrived: a checkpoint was saved; the same command resumes the run."""
+
+
+def _fail(key: str, value, expected: str):
+    raise ValueError(f"config.{key}={value!r}: expected {expected}")
+
+
+def check_config(config) -> None:
+    """Fail at once, naming the key, on values the run could only trip over later."""
+    if config.kind not in _KINDS:
+        _fail("kind", config.kind, " or ".join(_KINDS))
+    if config.task not in data.TASKS:
+        _fail("task", config.task, "one of " + ", ".join(data.TASKS))
+    if config.dtype not in ("auto", *_DTYPES):
+        _fail("dtype", config.dtype, "auto, float32 or bfloat16")
+    for key in ("batch_size", "eval_batch_size", "max_seq_length", "log_every_steps", "keep_checkpoints"):
+        if config[key] < 1:
+            _fail(key, config[key], "a positive integer")
+    for key in ("max_steps", "train_examples", "eval_examples", "test_examples", "layers"):
+        if config[key] is not None and config[key] < 1:
+            _fail(key, config[key], "a positive integer or None")
+    if config.num_epochs <= 0 or config.learning_rate <= 0:
+        _fail("num_epochs" if config.num_epochs <= 0 else "learning_rate",
+              min(config.num_epochs, config.learning_rate), "a positive number")
+    if not 0 <= config.warmup_fraction < 1:
+        _fail("warmup_fraction", config.warmup_fraction, "a fraction in [0, 1)")
+    if config.model is None and config.kind == "finetune":
+        _fail("model", None, "a pretrained checkpoint (minilm-l6, bert-base, an HF folder or hub id)")
+    if config.kind == "distill":
+        if not config.teacher:
+            _fail("teacher", config.teacher, "a finished run's workdir, an HF folder or hub id")
+        if config.teacher_mode not in ("auto", "cached", "online"):
+            _fail("teacher_mode", config.teacher_mode, "auto, cached or online")
+        if config.teacher_mode == "cached" and config.teacher_dropout:
+            _fail("teacher_mode", "cached", "online (or auto) when teacher_dropout is on")
+        if config.mode not in losses.MODES:
+            _fail("mode", config.mode, " or ".join(losses.MODES))
+        if not 0 <= config.alpha <= 1 or config.beta < 0 or config.temperature <= 0:
+            raise ValueError(f"config.alpha={config.alpha}, beta={config.beta}, temperature="
+                             f"{config.temperature}: expected 0 <= alpha <= 1, beta >= 0, temperature > 0")
+        _strategy(config.strategy)
+        losses.get_distance(config.distance)
+
+
+def _strategy(value: str):
+    """'skip' | 'last' | '2,4' -> the argument of losses.layer_map."""
+    if value in losses.STRATEGIES:
+        return value
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        _fail("strategy", value, "skip, last or comma-separated teacher layers such as 2,4")
+
+
+def compute_dtype(name: str):
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    return _DTYPES[name]
+
+
+def _host(x) -> np.ndarray:
+    """A global array on every host (gathered across processes when there are several)."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def _tokenized_split(config, tokenizer, split: str, cache_dir: Path, limit: int | None = None,
+                     subsample: int | None = None) -> data.Tokenized:
+    ds = data.load_split(config.task, split, glue_dir=config.glue_dir, source=config.data_source)
+    if subsample is not None and subsample < len(ds):
+        # A fixed data seed: teacher and students (whatever their own seed) see the same subset.
+        rows = np.sort(np.random.default_rng(0).choice(len(ds), subsample, replace=False))
+        ds = ds.select(rows)
+    elif limit is not None and limit < len(ds):
+        ds = ds.select(range(limit))
+    tok = data.tokenize(ds, tokenizer, config.max_seq_length, cache_dir=cache_dir / "tokenized")
+    if tok.num_truncated:
+        log.warning("%s/%s: %d of %d examples truncated to %d tokens", config.task, split,
+                        tok.num_truncated, len(tok), config.max_seq_length)
+    return tok
+
+
+def predict(eval_fn, params, tok: data.Tokenized, mesh, batch_size: int, bucket: bool = True) -> np.ndarray:
+    """Logits [N, C] of every example, in the split's row order."""
+    def place(batch):
+        return batch["index"], batch["weight"], partitioning.shard_batch(
+            {k: batch[k] for k in _MODEL_INPUTS}, mesh)
+
+    outputs = []
+    with data.prefetch(data.eval_batches(tok, batch_size, bucket=bucket), place) as batches:
+        for index, weight, batch in batches:
+            outputs.append((index, weight, eval_fn(params, batch)))  # dispatched; fetched below
+    logits = None
+    for index, weight, out in outputs:
+        out = _host(out)
+        if logits is None:
+            logits = np.zeros((len(tok), out.shape[-1]), np.float32)
+        real = weight > 0
+        logits[index[real]] = out[real]
+    return logits
+
+
+def evaluate(eval_fn, params, tok: data.Tokenized, task: str, mesh, batch_size: int) -> dict[str, float]:
+    preds = metrics.predictions_from_logits(task, predict(eval_fn, params, tok, mesh, batch_size))
+    result = metrics.compute(task, preds, tok.labels)
+    result["score"] = metrics.main_score(task, result)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Logging: metrics.jsonl, TensorBoard, progress bar (process 0 only)
+# --------------------------------------------------------------------------------------------
+
+
+class RunLog:
+    def __init__(self, workdir: Path, start: int, total: int, enabled: bool, progress: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+        from tqdm.auto import tqdm
+
+        path = workdir / "metrics.jsonl"
+        if path.exists():  # drop lines a killed run wrote after its last checkpoint
+            kept = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= start]
+            path.write_text("".join(l + "\n" for l in kept))
+        self.jsonl = path.open("a")
+        self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                        disable=not progress, desc=workdir.name)
+
+    def write(self, step: int, split: str, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+        self.jsonl.flush()
+        for k, v in values.items():
+            self.tb.add_scalar(f"{split}/{k}", v, step)
+        if split == "train":
+            self.bar.set_postfix(loss=f"{values['loss']:.4f}", ex_s=f"{values['examples_per_s']:.0f}")
+        else:
+            self.bar.write(f"step {step} {split}: " + ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
+
+    def advance(self, n: int = 1) -> None:
+        if self.enabled:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.tb.close()
+            self.jsonl.close()
+
+
+# --------------------------------------------------------------------------------------------
+# train_and_evaluate
+# --------------------------------------------------------------------------------------------
+
+
+def _teacher_source(config) -> tuple[str, str]:
+    """(teacher model folder or name, the student's pretrained checkpoint)."""
+    run = Path(config.teacher)
+    if (run / "model" / "config.json").exists():  # a finished run's workdir
+        pretrained = config.model
+        if pretrained is None and (run / "config.json").exists():
+            pretrained = json.loads((run / "config.json").read_text()).get("model")
+        if pretrained is None:
+            _fail("model", None, f"the pretrained checkpoint to initialise the student from "
+                  f"({run / 'config.json'} does not say which one the teacher started from)")
+        return str(run / "model"), pretrained
+    if config.model is None:
+        _fail("model", None, "the pretrained checkpoint to initialise the student from "
+              "(the teacher is not a run workdir that records it)")
+    return config.teacher, config.model
+
+
+def _check_compatible(teacher, student, teacher_tok, student_tok) -> None:
+    if teacher_tok.get_vocab() != student_tok.get_vocab():
+        raise ValueError("teacher and student use different vocabularies; distillation needs the same "
+                         "tokenizer (initialise the student from the teacher's pretrained checkpoint)")
+    th, sh = teacher.config.hidden_size, student.config.hidden_size
+    if th != sh:
+        raise ValueError(f"teacher hidden size {th} != student hidden size {sh}: the patient loss "
+                         "compares [CLS] vectors of equal size")
+
+
+def _batch_rows(train_tok, config, step: int) -> list[int]:
+    """The dataset idx of the examples in the batch of `step` (the order is a function of the step)."""
+    batch = next(data.train_batches(train_tok, config.batch_size, config.seed, start_step=step,
+                                    bucket=config.bucket))
+    return train_tok.idx[batch["index"]].tolist()
+
+
+def train_and_evaluate(config, workdir) -> dict:
+    """Fine-tune (config.kind="finetune") or distil ("distill") on a GLUE task; returns results.json."""
+    # ---- Setup ---------------------------------------------------------------------------
+    check_config(config)
+    partitioning.initialize_distributed(**config.distributed)
+    workdir = Path(workdir)
+    lead = jax.process_index() == 0
+    mesh = partitioning.make_mesh(config.mesh.fsdp)
+    fsdp = config.mesh.fsdp > 1
+    for key in ("batch_size", "eval_batch_size"):
+        partitioning.check_batch_size(config[key], mesh)
+    dtype = compute_dtype(config.dtype)
+    task = data.get_task(config.task)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else data.cache_root()
+    if lead:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1) + "\n")
+
+    # ---- Models --------------------------------------------------------------------------
+    overrides = {k: v for k, v in config.model_overrides.items() if v is not None}
+    label_names = None if task.is_regression else task.label_names
+    teacher = layer_map = None
+    if config.kind == "distill":
+        teacher_path, pretrained = _teacher_source(config)
+        teacher = checkpoints.load_pretrained(teacher_path, num_labels=task.num_labels, dtype=dtype)
+    else:
+        pretrained = config.model
+    model = checkpoints.load_pretrained(pretrained, num_labels=task.num_labels, num_layers=config.layers,
+                                        dtype=dtype, seed=config.seed, label_names=label_names, **overrides)
+    tokenizer = checkpoints.load_tokenizer(pretrained)
+    if teacher is not None:
+        _check_compatible(teacher, model, checkpoints.load_tokenizer(teacher_path), tokenizer)
+        layer_map = losses.layer_map(teacher.config.num_hidden_layers, model.config.num_hidden_layers,
+                                     _strategy(config.strategy))
+
+    # ---- Data ----------------------------------------------------------------------------
+    dev_split = "validation_matched" if config.task == "mnli" else "validation"
+    train_tok = _tokenized_split(config, tokenizer, "train", cache_dir, subsample=config.train_examples)
+    dev_tok = _tokenized_split(config, tokenizer, dev_split, cache_dir, limit=config.eval_examples)
+    steps_per_epoch = data.steps_per_epoch(len(train_tok), config.batch_size)
+    if steps_per_epoch == 0:
+        _fail("batch_size", config.batch_size, f"at most the {len(train_tok)} training examples")
+    total = config.max_steps or int(np.ceil(config.num_epochs * steps_per_epoch))
+
+    # ---- Optimizer, state, steps ------------------------------------------------------------
+    tx = optim.make_optimizer(learning_rate=config.learning_rate, total_steps=total,
+                              warmup_steps=int(config.warmup_fraction * total),
+                              weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
+    hp = {k: config.get(k, 0.0) for k in ("alpha", "beta")}
+    graphdef, state = create_train_state(model, tx, config.seed, temperature=config.get("temperature", 1.0), **hp)
+    state = place(state, mesh, fsdp)
+    eval_fn = jax.jit(make_eval_step(graphdef))
+    teacher_params, add_teacher = None, None
+    if teacher is None:
+        compiled = compile_step(make_finetune_step(graphdef, tx, regression=task.is_regression), state, mesh, fsdp=fsdp)
+        run_step = compiled
+    else:
+        online = config.teacher_mode == "online" or (config.teacher_mode == "auto" and config.teacher_dropout)
+        t_graphdef, t_params = nnx.split(teacher, nnx.Param)
+        t_params = place(t_params, mesh, fsdp)
+        if not online:
+            from pkd_jax import teacher_cache
+
+            cache = teacher_cache.build_or_load(
+                t_graphdef, t_params, train_tok, layer_map, mesh=mesh, batch_size=config.eval_batch_size,
+                cache_dir=cache_dir / "teacher", dtype_name=jnp.dtype(dtype).name,
+                architecture=repr(teacher.config), progress=config.progress and lead)
+            log.info("teacher outputs %s: %s", "reused" if cache.reused else "computed", cache.path)
+            add_teacher, t_params = cache.add_to, None
+        step_fn = make_distill_step(
+            graphdef, tx, layer_map=layer_map, teacher_graphdef=t_graphdef if online else None,
+            teacher_dropout=config.teacher_dropout, normalize=config.normalize, mode=config.mode,
+            regression=task.is_regression, distance=config.distance)
+        compiled = compile_step(step_fn, state, mesh, fsdp=fsdp)
+        run_step = lambda s, b: compiled(s, t_params, b)  # noqa: E731
+
+    # ---- Resume ----------------------------------------------------------------------------
+    ckpt = checkpoints.TrainCheckpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+    meta = {"best": None, "last": None, "train_seconds": 0.0}  # saved with every checkpoint
+    restored = ckpt.restore_latest(state)
+    if restored is not None:
+        _, state, saved = restored
+        meta.update(saved)
+        log.info("resumed from step %d", int(state.step))
+    start = int(state.step)
+
+    # ---- Loop ------------------------------------------------------------------------------
+    def host_batches():
+        batches = data.train_batches(train_tok, config.batch_size, config.seed, start_step=start, bucket=config.bucket)
+        for b in batches:
+            b = add_teacher(b) if add_teacher else b
+            yield partitioning.shard_batch({k: b[k] for k in _TRAIN_INPUTS if k in b}, mesh)
+
+    run_log = RunLog(workdir, start, total, lead, config.progress)
+    stop = _SigtermFlag()
+    pending: list[tuple[int, Metrics]] = []  # device metrics since the last fetch: no sync per step
+    t_window, window_start = time.perf_counter(), start
+
+    def restart_window(step: int) -> None:
+        nonlocal t_window, window_start
+        t_window, window_start = time.perf_counter(), step
+
+    def fetch_train_metrics(step: int) -> None:
+        nonlocal pending
+        if not pending:
+            return
+        host = [(s, jax.device_get(m)) for s, m in pending]
+        for s, m in host:
+            if not np.isfinite(m["loss"]):
+                raise FloatingPointError(
+                    f"training loss is {m['loss']} at step {s} (batch of training examples idx "
+                    f"{_batch_rows(train_tok, config, s - 1)}); stopped without saving. The last good "
+                    f"checkpoint (step {max(ckpt.all_steps(), default=0)}) is kept: lower "
+                    "config.learning_rate or inspect those examples, then run the same command again.")
+        elapsed = time.perf_counter() - t_window
+        meta["train_seconds"] += elapsed
+        values = {k: float(np.mean([m[k] for _, m in host])) for k in host[-1][1]}
+        values["examples_per_s"] = (step - window_start) * config.batch_size / max(elapsed, 1e-9)
+        values["learning_rate"] = float(config.learning_rate * optim.lr_schedule(1.0, total, int(config.warmup_fraction * total))(step - 1))
+        values["epoch"] = step / steps_per_epoch
+        run_log.write(step, "train", values)
+        pending = []
+        restart_window(step)
+
+    def save(step: int, score: float | None = None) -> None:
+        fetch_train_metrics(step)  # refuses to save a state that went NaN
+        ckpt.save(step, state, meta, score)
+
+    def run_eval(step: int) -> dict:
+        fetch_train_metrics(step)
+        result = evaluate(eval_fn, state.params, dev_tok, config.task, mesh, config.eval_batch_size)
+        run_log.write(step, "dev", result)
+        meta["last"] = {"step": step, "metrics": result}
+        if meta["best"] is None or result["score"] > meta["best"]["metrics"]["score"]:
+            meta["best"] = meta["last"]
+            params = jax.tree.map(_host, state.params)
+            if lead:
+                checkpoints.save_pretrained(nnx.merge(graphdef, params), workdir / "model", tokenizer)
+        save(step, result["score"])
+        restart_window(step)  # evaluation time is not training time
+        return result
+
+    try:
+        with data.prefetch(host_batches(), size=2) as batches:
+            for step in range(start + 1, total + 1):
+                if stop.requested:
+                    save(step - 1)
+                    ckpt.wait()
+                    raise Preempted(f"SIGTERM: saved a checkpoint at step {step - 1}; run the same command to resume")
+                state, m = run_step(state, next(batches))
+                pending.append((step, m))
+                run_log.advance()
+                if step % steps_per_epoch == 0 or step == total or (
+                        config.eval_every_steps and step % config.eval_every_steps == 0):
+                    run_eval(step)
+                elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+                    save(step)
+                    restart_window(step)
+                elif step % config.log_every_steps == 0:
+                    fetch_train_metrics(step)
+        if meta["last"] is None or meta["last"]["step"] != total:  # e.g. preempted during the last eval
+            run_eval(total)
+        ckpt.wait()
+    finally:
+        stop.restore()
+        run_log.close()
+
+    # ---- Results ---------------------------------------------------------------------------
+    results = {
+        "task": config.task, "kind": config.kind, "metric": metrics.main_metric(config.task),
+        "metrics": meta["best"]["metrics"], "step": meta["best"]["step"],
+        "best": meta["best"], "last": meta["last"], "total_steps": total,
+        "train_seconds": meta["train_seconds"],
+        "examples_per_s": total * config.batch_size / max(meta["train_seconds"], 1e-9),
+        "model": {"pretrained": pretrained, "layers": model.config.num_hidden_layers,
+                  "hidden_size": model.config.hidden_size, "params": bert.param_count(model),
+                  "params_without_embeddings": bert.param_count(model, embeddings=False)},
+        "teacher": None if teacher is None else {"path": teacher_path, "layers": teacher.config.num_hidden_layers,
+                                                 "layer_map": list(layer_map)},
+        "train_examples": len(train_tok), "dev_examples": len(dev_tok),
+        "config": json.loads(config.to_json_best_effort()),
+    }
+    if config.predict_test:
+        results["test_predictions"] = _predict_test(config, workdir, tokenizer, cache_dir, mesh, lead)
+    if lead:
+        (workdir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    ckpt.close()
+    return results
+
+
+def _predict_test(config, workdir: Path, tokenizer, cache_dir: Path, mesh, lead: bool) -> list[str]:
+    """GLUE submission files of the best model for every labelled-(-1) test split found."""
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("model exported")
+    best = checkpoints.load_pretrained(workdir / "model", dtype=compute_dtype(config.dtype))
+    graphdef, params = nnx.split(best, nnx.Param)
+    eval_fn = jax.jit(make_eval_step(graphdef))
+    params = place(params, mesh, config.mesh.fsdp > 1)
+    written = []
+    for split in (s for s in data.get_task(config.task).splits if s.startswith("test")):
+        try:
+            tok = _tokenized_split(config, tokenizer, split, cache_dir, limit=config.test_examples)
+        except (data.GlueFormatError, RuntimeError) as e:
+            log.warning("no test predictions for %s/%s: %s", config.task, split, e)
+            continue
+        preds = metrics.predictions_from_logits(
+            config.task, predict(eval_fn, params, tok, mesh, config.eval_batch_size))
+        if lead:
+            path = data.write_glue_predictions(config.task, preds, tok.idx, workdir / "predictions", split=split)
+            written.append(str(path))
+    return written
+
+
+class _SigtermFlag:
+    """Turns SIGTERM (a preempted VM) into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

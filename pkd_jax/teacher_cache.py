@@ -1,0 +1,307 @@
+"""Precomputed teacher outputs: one pass of the frozen teacher, memory-mapped for every student.
+
+The original PKD code runs the fine-tuned teacher once over the training set and trains students
+from the saved outputs. ``build_or_load`` does the same: it stores the teacher's logits and the
+[CLS] vectors of the mapped layers as ``.npy`` files (never pickles) under a folder named by a
+fingerprint of everything that determines them, and memory-maps them back. ``TeacherCache.add_to``
+then fills a host batch's ``teacher_logits`` [B, C] / ``teacher_cls`` [B, M, H] by
+``batch["index"]``, the inputs of ``train.make_distill_step``'s cached mode.
+
+Entry layout (``<cache_dir>/<fingerprint>-<cls dtype>/``): ``logits.npy`` float32 [N, C],
+``cls.npy`` [N, M, H] and ``manifest.json``, written into a temporary sibling folder and renamed
+into place, so a killed build never leaves an entry that is later trusted.
+
+Precision: logits are kept in float32. [CLS] vectors are stored in float16 by default (half the
+disk and host memory): round-to-nearest gives a relative error of at most 2^-11 ≈ 4.9e-4 per
+value (BERT's LayerNorm outputs are far inside float16's ±65504 range), negligible next to the
+patient loss, which compares L2-normalised vectors. Pass ``cls_dtype=np.float32`` for exact values.
+
+Multi-process runs: every process runs the teacher (the jitted forward is one global program),
+outputs are gathered with ``process_allgather``, process 0 writes, and all processes load after a
+barrier, so ``cache_dir`` must be on a filesystem every process can read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from jax.typing import DTypeLike
+from tqdm import tqdm
+
+from pkd_jax import data, partitioning, train
+
+FORMAT_VERSION = 1  # bump when the stored arrays' meaning changes
+_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
+log = logging.getLogger(__name__)
+
+
+# ============================================================================================
+# Fingerprint
+# ============================================================================================
+
+
+def _to_host(x: Any) -> np.ndarray:
+    """A (possibly multi-process, sharded) array as one numpy array on this host."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def fingerprint(teacher_params: Any, tokenized: data.Tokenized, layer_map: Sequence[int],
+                dtype: DTypeLike, architecture: str = "") -> str:
+    """A key for the teacher outputs of ``tokenized``: changes with any of its inputs.
+
+    Hashes every parameter's shape, dtype and bytes in pytree order (leaf by leaf, so host
+    memory holds one leaf at a time; about a second per GB; an ``nnx.State`` and its pure dict
+    agree), ``tokenized.fingerprint`` (data, tokenizer, max length), the 1-indexed
+    ``layer_map``, the compute dtype's name and ``architecture``, a text of the static settings
+    that live in the graphdef, not the params (head count, activation, LayerNorm epsilon; e.g.
+    ``repr(model.config)``).
+    """
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps([FORMAT_VERSION, tokenized.fingerprint, [int(i) for i in layer_map],
+                         jnp.dtype(dtype).name, architecture]).encode())
+    for leaf in jax.tree.leaves(teacher_params):  # dict keys are sorted: a stable order
+        arr = np.ascontiguousarray(_to_host(leaf))
+        h.update(json.dumps([arr.shape, arr.dtype.name]).encode())
+        h.update(arr.reshape(-1).view(np.uint8))  # raw bytes, no copy
+    return h.hexdigest()
+
+
+# ============================================================================================
+# The cache
+# ============================================================================================
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TeacherCache:
+    """Teacher outputs of every example, row i = example i of the ``Tokenized`` split.
+
+    ``logits``: float32 [N, C]; ``cls``: [N, M, H] in the stored dtype (both read-only
+    memory maps). ``reused`` tells whether an existing entry was loaded instead of computed.
+    """
+
+    logits: np.ndarray
+    cls: np.ndarray
+    fingerprint: str
+    path: Path
+    reused: bool
+
+    def add_to(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """A copy of ``batch`` with the teacher outputs of its rows (by ``batch["index"]``).
+
+        Meant for the host pipeline (e.g. a ``data.prefetch`` thread): shuffled or bucketed
+        batches get exactly their own examples' outputs.
+        """
+        index = np.asarray(batch["index"])
+        return {**batch,
+                "teacher_logits": np.asarray(self.logits[index], np.float32),
+                "teacher_cls": np.asarray(self.cls[index])}
+
+
+def _load(entry: Path, key: str, num_examples: int, layer_map: tuple[int, ...],
+          cls_dtype: np.dtype) -> TeacherCache | None:
+    """The entry as memory maps if complete and matching, else None (the caller rebuilds)."""
+    try:
+        manifest = json.loads((entry / "manifest.json").read_text())
+        if (manifest["format"] != FORMAT_VERSION or manifest["fingerprint"] != key
+                or tuple(manifest["layer_map"]) != layer_map):
+            return None
+        c, hidden = manifest["num_labels"], manifest["hidden_size"]  # set by the teacher (key)
+        expected = {"logits": ("float32", [num_examples, c]),
+                    "cls": (cls_dtype.name, [num_examples, len(layer_map), hidden])}
+        arrays = {}
+        for name, (dtype, shape) in expected.items():
+            # A truncated file fails here: its memory map would overrun the file.
+            arr = np.load(entry / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+            if (arr.dtype.name, list(arr.shape)) != (dtype, shape):
+                return None
+            arrays[name] = arr
+    except (OSError, ValueError, KeyError, TypeError):  # missing, garbled or truncated
+        return None
+    return TeacherCache(**arrays, fingerprint=key, path=entry, reused=True)
+
+
+# ============================================================================================
+# Building: one pass of the teacher
+# ============================================================================================
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "layer_map", "cls_dtype"))
+def _teacher_outputs(graphdef, params, inputs, *, layer_map: tuple[int, ...],
+                     cls_dtype: np.dtype) -> tuple[jax.Array, jax.Array]:
+    """float32 logits [B, C] and the mapped layers' [CLS] vectors [B, M, H] in ``cls_dtype``."""
+    out = train.forward(graphdef, params, inputs)
+    cls = out.cls[np.asarray(layer_map, np.int32) - 1]  # cls[l - 1] is after layer l
+    # Cast on device: half the transfer for float16, and the same rounding as on the host.
+    return out.logits.astype(jnp.float32), jnp.swapaxes(cls, 0, 1).astype(cls_dtype)
+
+
+def _on_mesh(params: Any, mesh: Mesh) -> Any:
+    """Replicate the params over the mesh, unless the caller already placed them there (FSDP)."""
+    devices = set(mesh.devices.flat)
+    replicated = partitioning.replicated(mesh)
+    return jax.tree.map(
+        lambda x: x if isinstance(x, jax.Array) and x.sharding.device_set == devices
+        else jax.device_put(x, replicated), params)
+
+
+def _open_arrays(folder: Path, shapes: Mapping[str, tuple[np.dtype, tuple[int, ...]]]
+                 ) -> dict[str, np.ndarray]:
+    """Writable .npy memory maps: MNLI-sized outputs never need to fit in host memory."""
+    return {name: np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype,
+                                            shape=shape)
+            for name, (dtype, shape) in shapes.items()}
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _compute(graphdef, params, tokenized: data.Tokenized, layer_map: tuple[int, ...],
+             mesh: Mesh, batch_size: int, cls_dtype: np.dtype, folder: Path | None,
+             progress: bool) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Run the teacher over every example; with ``folder``, write the rows there.
+
+    Every process calls this (the forward is one global program); only the writer passes a
+    folder. Returns the arrays' dtypes and shapes.
+    """
+    params = _on_mesh(params, mesh)
+    run = functools.partial(_teacher_outputs, graphdef, layer_map=layer_map, cls_dtype=cls_dtype)
+    spec = {k: jax.ShapeDtypeStruct((batch_size, tokenized.max_seq_length), jnp.int32)
+            for k in _INPUTS}
+    logits_spec, cls_spec = jax.eval_shape(run, params, spec)
+    n = len(tokenized)
+    shapes = {"logits": (np.dtype(np.float32), (n, logits_spec.shape[1])),
+              "cls": (cls_dtype, (n, *cls_spec.shape[1:]))}
+    arrays = _open_arrays(folder, shapes) if folder is not None else None
+    filled = np.zeros(n, bool)
+
+    def store(host: Mapping[str, np.ndarray], outputs: tuple[jax.Array, jax.Array]) -> None:
+        logits, cls = (_to_host(x) for x in outputs)  # blocks on this batch only
+        real = host["weight"] > 0  # the last batch's filler rows point at row 0
+        rows = host["index"][real]
+        filled[rows] = True
+        if arrays is not None:
+            arrays["logits"][rows] = logits[real]
+            arrays["cls"][rows] = cls[real]
+
+    def place(batch: dict[str, np.ndarray]) -> tuple[dict, dict]:
+        host = {k: batch[k] for k in ("index", "weight")}
+        return host, partitioning.shard_batch({k: batch[k] for k in _INPUTS}, mesh)
+
+    batches = data.prefetch(data.eval_batches(tokenized, batch_size, bucket=True), place)
+    pending = None
+    with batches, tqdm(total=math.ceil(n / batch_size), desc="teacher outputs", unit="batch",
+                       disable=not progress or jax.process_index() != 0) as bar:
+        for host, inputs in batches:
+            outputs = run(params, inputs)  # dispatched asynchronously...
+            if pending is not None:
+                store(*pending)  # ...so the previous batch is copied out while this one runs
+            pending = (host, outputs)
+            bar.update()
+        if pending is not None:
+            store(*pending)
+    if not filled.all():
+        raise RuntimeError(f"teacher pass missed {int((~filled).sum())} of {n} examples")
+    if arrays is not None:
+        for name, arr in arrays.items():
+            arr.flush()
+            _fsync(folder / f"{name}.npy")
+    return shapes
+
+
+def _write_manifest(folder: Path, key: str, layer_map: tuple[int, ...], dtype_name: str,
+                    shapes: Mapping[str, tuple[np.dtype, tuple[int, ...]]]) -> None:
+    (n, c), (_, m, hidden) = shapes["logits"][1], shapes["cls"][1]
+    manifest = {
+        "format": FORMAT_VERSION, "fingerprint": key, "num_examples": n, "num_labels": c,
+        "num_layers": m, "hidden_size": hidden, "layer_map": list(layer_map),
+        "compute_dtype": dtype_name,
+        "arrays": {name: [dtype.name, list(shape)] for name, (dtype, shape) in shapes.items()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    path = folder / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=1))
+    _fsync(path)
+
+
+def _publish(tmp: Path, entry: Path) -> None:
+    """Move a finished temporary folder into place (written last: readers see all or nothing)."""
+    if entry.exists():  # stale or corrupt (a valid entry would have been loaded)
+        shutil.rmtree(entry, ignore_errors=True)
+    try:
+        os.rename(tmp, entry)
+    except OSError:  # a concurrent builder won the race; its entry is equally valid
+        pass
+
+
+def build_or_load(teacher_graphdef, teacher_params, tokenized: data.Tokenized,
+                  layer_map: Sequence[int], *, mesh: Mesh, batch_size: int = 256,
+                  cache_dir: str | os.PathLike | None = None, dtype_name: str = "float32",
+                  architecture: str = "", cls_dtype: DTypeLike = np.float16,
+                  progress: bool = True) -> TeacherCache:
+    """The teacher's outputs on ``tokenized``: loaded if cached, else computed once and stored.
+
+    ``layer_map``: 1-indexed teacher layers whose [CLS] vectors are kept (``losses.layer_map``;
+    empty for a 1-layer student, giving ``cls`` of shape [N, 0, H]). ``dtype_name``: the
+    teacher's compute dtype and ``architecture`` its static settings (``repr(model.config)``),
+    both part of the fingerprint. ``cache_dir`` defaults to
+    ``data.cache_root() / "teacher"``. ``batch_size`` must be a multiple of the mesh's devices.
+    """
+    layer_map = tuple(int(i) for i in layer_map)
+    cls_dtype = np.dtype(cls_dtype)
+    partitioning.check_batch_size(batch_size, mesh)
+    key = fingerprint(teacher_params, tokenized, layer_map, dtype_name, architecture)
+    root = Path(cache_dir) if cache_dir is not None else data.cache_root() / "teacher"
+    entry = root / f"{key}-{cls_dtype.name}"
+    found = _load(entry, key, len(tokenized), layer_map, cls_dtype)
+    # Every process must take the same branch: the build below has collectives.
+    if jax.process_count() > 1:
+        found_everywhere = multihost_utils.process_allgather(np.int32(found is not None))
+        if not found_everywhere.all():
+            found = None
+    if found is not None:
+        log.info("teacher outputs reused from %s", entry)
+        return found
+
+    log.info("computing teacher outputs for %d examples into %s", len(tokenized), entry)
+    writer = jax.process_index() == 0
+    tmp = None
+    if writer:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=root))
+    try:
+        shapes = _compute(teacher_graphdef, teacher_params, tokenized, layer_map, mesh,
+                          batch_size, cls_dtype, tmp, progress)
+        if writer:
+            _write_manifest(tmp, key, layer_map, dtype_name, shapes)
+            _publish(tmp, entry)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"pkd_jax.teacher_cache:{key}")
+    built = _load(entry, key, len(tokenized), layer_map, cls_dtype)
+    if built is None:
+        raise RuntimeError(f"teacher cache entry {entry} unreadable after writing it; with "
+                           "several processes, cache_dir must be on a shared filesystem")
+    return dataclasses.replace(built, reused=False)

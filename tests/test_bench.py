@@ -1,0 +1,194 @@
+"""Smoke tests of the benchmark: tiny shapes, the JSON contract, consistent figures (no timings)."""
+
+import contextlib
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from pkd_jax import bench, checkpoints, losses, train
+
+TINY = ["--model=bert-tiny", "--teacher-layers=4", "--student-layers=2", "--batch-size=8",
+        "--seq-len=32", "--repeats=2", "--warmup=1"]
+STEP_KEYS = ("name", "step_s_median", "examples_per_s", "tflops_per_s", "mfu", "flops_per_example",
+             "batch_size", "seq_len", "dtype", "device", "versions", "date")
+
+
+@pytest.fixture(scope="module")
+def run_all(glue_dir):
+    """Every suite once, as `python -m pkd_jax.bench all ... --json` would: (stdout, results)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        results = bench.main(["all", *TINY, "--layers=2,1", "--max-examples=512",
+                              f"--glue-dir={glue_dir}", "--json"])
+    return out.getvalue(), results
+
+
+def _lines(results, suite):
+    return [line for line in results if line["suite"] == suite]
+
+
+def _positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_stdout_is_one_json_object_per_result(run_all):
+    stdout, results = run_all
+    parsed = [json.loads(line) for line in stdout.splitlines()]
+    assert parsed == json.loads(json.dumps(results))
+    assert {line["suite"] for line in parsed} == {"efficiency", "train", "torch", "input"}
+
+
+def test_step_lines_follow_the_contract(run_all):
+    _, results = run_all
+    steps = [line for line in results if line["suite"] != "input"]
+    for line in steps:
+        for key in STEP_KEYS:
+            assert key in line, (line["name"], key)
+        for key in ("step_s_median", "examples_per_s", "tflops_per_s", "mfu", "peak_tflops"):
+            assert _positive(line[key]), (line["name"], key, line[key])
+        assert line["step_s_min"] <= line["step_s_median"] <= line["step_s_max"]
+        assert line["examples_per_s"] == pytest.approx(line["batch_size"] / line["step_s_median"])
+        flops = line["flops_per_example"] * line["batch_size"] / line["step_s_median"]
+        assert line["tflops_per_s"] == pytest.approx(flops / 1e12)
+        assert line["mfu"] == pytest.approx(line["tflops_per_s"] / line["peak_tflops"])
+        assert line["device"]["platform"] == "cpu" and line["device"]["count"] == 8
+        assert {"jax", "jaxlib", "flax"} <= set(line["versions"])
+        if line["framework"] == "torch":
+            assert {"torch", "transformers"} <= set(line["versions"])
+        if line["framework"] == "jax":
+            assert _positive(line["compile_s"])
+
+
+def test_train_suite_times_three_steps_and_the_peer(run_all):
+    _, results = run_all
+    train_lines = {line["name"]: line for line in _lines(results, "train")}
+    assert set(train_lines) == {"finetune", "pkd_online", "pkd_cached"}
+    online, cached = train_lines["pkd_online"], train_lines["pkd_cached"]
+    assert (online["teacher_layers"], online["student_layers"]) == (4, 2)
+    # The online step adds the teacher's forward pass to the same student's 3 passes.
+    config = bench.RANDOM_SIZES["bert-tiny"]
+    assert online["flops_per_example"] - cached["flops_per_example"] == pytest.approx(
+        bench.forward_flops(config, 4, 32))
+    assert cached["flops_per_example"] == train_lines["finetune"]["flops_per_example"]
+    assert cached["vs_online_step_time"] == pytest.approx(
+        cached["step_s_median"] / online["step_s_median"])
+    (target,) = cached["targets"]
+    assert target["op"] == "<=" and target["target"] == 0.65 and isinstance(target["ok"], bool)
+
+    peers = {line["name"]: line for line in _lines(results, "torch")}
+    assert set(peers) == {"torch_pkd_online_eager", "torch_pkd_cached_eager"}  # no CUDA
+    for peer in peers.values():
+        jax_line = train_lines[peer["jax_name"]]
+        assert peer["jax_over_torch"] == pytest.approx(
+            jax_line["examples_per_s"] / peer["examples_per_s"])
+        assert peer["flops_per_example"] == jax_line["flops_per_example"]
+    (target,) = peers["torch_pkd_online_eager"]["targets"]
+    assert (target["op"], target["target"], target["aim"]) == (">=", 1.0, 1.3)
+
+
+def test_efficiency_table(run_all):
+    _, results = run_all
+    lines = _lines(results, "efficiency")
+    assert [line["layers"] for line in lines] == [2, 1]
+    assert [line["name"] for line in lines] == ["inference_bert_2", "inference_bert_1"]
+    deep, shallow = lines
+    assert deep["speedup"] == 1.0
+    assert shallow["speedup"] == pytest.approx(deep["step_s_median"] / shallow["step_s_median"])
+    assert deep["params_total"] > shallow["params_total"] > shallow["params_no_embeddings"] > 0
+    # Embeddings are the same tables in both: the difference is one encoder layer.
+    assert (deep["params_total"] - shallow["params_total"]
+            == deep["params_no_embeddings"] - shallow["params_no_embeddings"])
+    assert deep["batch_size"] == 8 and deep["flops_per_example"] == bench.forward_flops(
+        bench.RANDOM_SIZES["bert-tiny"], 2, 32)
+
+
+def test_input_suite_compares_with_the_fastest_step(run_all):
+    _, results = run_all
+    lines = {line["name"]: line for line in _lines(results, "input")}
+    assert set(lines) == {"tokenize", "tokenize_cached", "host_batches", "host_batches_to_device"}
+    fastest = max(_lines(results, "train"), key=lambda line: line["examples_per_s"])
+    for line in lines.values():
+        assert line["step_name"] == fastest["name"]
+        assert _positive(line["examples_per_s"]) and _positive(line["seconds_median"])
+        assert line["examples_per_s"] == pytest.approx(line["examples"] / line["seconds_median"])
+        assert line["headroom"] == pytest.approx(line["examples_per_s"] / fastest["examples_per_s"])
+    assert lines["tokenize"]["examples"] == 512
+    assert lines["host_batches"]["batch_size"] == 8
+    assert lines["host_batches"]["targets"][0]["metric"] == "headroom"
+
+
+def test_forward_flops_of_bert_base():
+    # 12·(2·128·(4·768² + 2·768·3072) + 4·128²·768) + 2·768² + 2·768·2
+    config = bench.RANDOM_SIZES["bert-base"]
+    assert bench.forward_flops(config, 12, 128) == 22_348_434_432
+    assert bench.train_flops(config, 6, 12, 128) == (
+        3 * bench.forward_flops(config, 6, 128) + bench.forward_flops(config, 12, 128))
+    assert bench.train_flops(config, 6, None, 128) == 3 * bench.forward_flops(config, 6, 128)
+
+
+@pytest.mark.parametrize("kind, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
+    ("NVIDIA A100-SXM4-40GB", 312.0), ("TPU v4", 275.0), ("TPU v5 lite", 197.0),
+    ("TPU v5p", 459.0), ("TPU v6 lite", 918.0), ("cpu", None),
+])
+def test_peak_table(kind, peak):
+    assert bench.table_peak(kind) == peak
+
+
+def test_cli_defaults_and_validation():
+    args = bench.parse_args([])
+    assert (args.suite, args.teacher, args.dtype, args.seq_len) == ("all", "both", "auto", 128)
+    assert args.glue_dir.parts[-2:] == ("shared", "glue")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["train", "--batch-size=0"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["nonsense"])
+
+
+def test_torch_peer_loss_equals_jax_pkd_loss():
+    """The peer optimises the same objective: identical weights give the same loss."""
+    import torch
+
+    spec = bench.resolve_model("bert-tiny", 4)
+    layer_map = bench.pkd_layer_map(4, 2)
+    batch = bench.synthetic_batch(spec.config, 8, 16, cached_layers=len(layer_map))
+    jax_models = [bench.build_model(spec, n, "float32", pretrained=False, seed=n) for n in (4, 2)]
+    teacher, student = bench._torch_models(spec, 4, 2, torch.device("cpu"))
+    for jax_model, torch_model in zip(jax_models, (teacher, student)):
+        state = {k: torch.tensor(v) for k, v in checkpoints.state_dict(jax_model).items()}
+        result = torch_model.load_state_dict(state, strict=False)
+        assert not result.unexpected_keys
+        assert all(k.endswith("_ids") for k in result.missing_keys)  # buffers, not weights
+    student.eval()  # no dropout, to compare
+    step = bench.make_torch_pkd_step(teacher, student, batch, layer_map, cached=False,
+                                     compile_=False, bf16=False)
+    torch_loss = float(step())
+
+    t_out, s_out = (train.forward(*nnx.split(m, nnx.Param), batch) for m in jax_models)
+    index = np.asarray(layer_map) - 1
+    jax_loss, _ = losses.pkd_loss(s_out.logits, t_out.logits, batch["labels"], s_out.cls[:1],
+                                  t_out.cls[index], alpha=bench.ALPHA, beta=bench.BETA,
+                                  temperature=bench.TEMPERATURE)
+    assert torch_loss == pytest.approx(float(jax_loss), rel=1e-4)
+
+
+def test_python_m_entry_point(tmp_path):
+    """The documented command line, in a fresh process (one CPU device, a 1-layer student)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PKD_JAX_CACHE": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pkd_jax.bench", "efficiency", "--model=bert-tiny", "--layers=1",
+         "--batch-size=8", "--seq-len=16", "--repeats=1", "--warmup=0", "--peak-tflops=2",
+         "--json"],
+        capture_output=True, text=True, env=env, timeout=120, check=True)
+    (line,) = [json.loads(x) for x in proc.stdout.splitlines()]
+    assert line["name"] == "inference_bert_1" and _positive(line["examples_per_s"])
+    assert (line["peak_tflops"], line["peak_source"]) == (2.0, "flag")
+    assert line["device"]["count"] == 1 and jax.device_count() == 8

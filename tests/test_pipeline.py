@@ -1,0 +1,131 @@
+"""The main job end to end, as a user runs it: run.py subprocesses on real SST-2 and the real MiniLM.
+
+teacher (6 layers, fine-tuned) -> PKD-Skip student (3 layers, cached teacher outputs), twice: once
+uninterrupted, once SIGKILLed after its first checkpoint and started again. Both must end
+identical, the second must reuse the first's teacher cache, and the student must learn.
+
+The students use lr 2e-4: all-MiniLM-L6-v2 is a mean-pooling sentence encoder whose [CLS] vector
+barely varies across inputs below layer 4, so a [CLS]-reading 3-layer student needs a larger
+step than the paper's BERT-base grid (1e-5..5e-5) to make it informative.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from safetensors.numpy import load_file
+
+from pkd_jax import checkpoints, data, partitioning, train
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = [
+    "--config.train_examples=1600", "--config.max_seq_length=64", "--config.eval_examples=400",
+    "--config.progress=False", "--config.predict_test=False", "--config.log_every_steps=10",
+]
+
+
+def _command(config: str, workdir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "run.py", f"--config={config}", f"--workdir={workdir}", *COMMON, *extra]
+
+
+def _run(cmd, env) -> str:
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr + proc.stdout
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, glue_dir):
+    root = tmp_path_factory.mktemp("pipeline")
+    env = {**os.environ, "PKD_JAX_CACHE": str(root / "cache"), "JAX_PLATFORMS": "cpu"}
+    teacher = root / "teacher"
+    _run(_command(f"configs/finetune.py:task=sst2,model=minilm-l6,glue_dir={glue_dir}", teacher,
+                  "--config.num_epochs=2", "--config.learning_rate=5e-5"), env)
+    student = _command(f"configs/pkd.py:task=sst2,teacher={teacher},layers=3,strategy=skip,glue_dir={glue_dir}",
+                       root / "PLACEHOLDER", "--config.num_epochs=4", "--config.learning_rate=2e-4",
+                       "--config.checkpoint_every_steps=40", "--config.eval_every_steps=100")
+    uninterrupted = root / "pkd_skip3"
+    first_log = _run([a.replace("PLACEHOLDER", uninterrupted.name) for a in student], env)
+
+    killed = root / "pkd_skip3_killed"
+    cmd = [a.replace("PLACEHOLDER", killed.name) for a in student]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not any(p.name.isdigit() for p in (killed / "checkpoints").glob("*")) and proc.poll() is None:
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results.json").exists(), "the run finished before it could be killed"
+    second_log = _run(cmd, env)
+    return {"root": root, "teacher": teacher, "a": uninterrupted, "b": killed,
+            "first_log": first_log, "second_log": second_log}
+
+
+def _results(workdir: Path) -> dict:
+    return json.loads((workdir / "results.json").read_text())
+
+
+def test_teacher_learns(runs):
+    r = _results(runs["teacher"])
+    assert r["kind"] == "finetune" and r["model"]["layers"] == 6
+    assert r["metrics"]["accuracy"] > 0.75, r["metrics"]
+
+
+def test_student_beats_its_untrained_self(runs, glue_dir, tokenizer):
+    """The 3-layer student before training is at chance; after PKD it is far above."""
+    student = checkpoints.load_pretrained("minilm-l6", num_labels=2, num_layers=3, seed=0)
+    graphdef, params = nnx.split(student, nnx.Param)
+    dev = data.tokenize(data.load_split("sst2", "validation", glue_dir).select(range(400)), tokenizer, 64)
+    untrained = train.evaluate(jax.jit(train.make_eval_step(graphdef)), params, dev, "sst2",
+                               partitioning.make_mesh(), 128)["accuracy"]
+    trained = _results(runs["a"])["metrics"]["accuracy"]
+    assert trained > untrained + 0.15 and trained > 0.7, (untrained, trained)
+
+
+def test_distillation_lowers_loss_and_raises_agreement(runs):
+    lines = [json.loads(l) for l in (runs["a"] / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [l for l in lines if l["split"] == "train"]
+    first, last = train_lines[0], train_lines[-1]
+    assert last["loss"] < first["loss"] and last["agreement"] > first["agreement"] + 0.1, (first, last)
+    assert {"ce", "ds", "pt", "agreement"} <= set(first)
+
+
+def test_second_student_reuses_the_teacher_cache(runs):
+    assert "teacher outputs computed" in runs["first_log"]
+    assert "teacher outputs reused" in runs["second_log"]
+    assert len(list((runs["root"] / "cache" / "teacher").iterdir())) == 1
+
+
+def test_killed_run_resumes_to_the_same_result(runs):
+    a, b = _results(runs["a"]), _results(runs["b"])
+    assert "resumed from step" in runs["second_log"]
+    assert a["best"] == b["best"] and a["last"] == b["last"]
+    wa, wb = load_file(runs["a"] / "model" / "model.safetensors"), load_file(runs["b"] / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+
+
+def test_export_gives_the_same_logits_in_transformers(runs, tokenizer):
+    folder = runs["a"] / "model"
+    enc = tokenizer(["a gripping, funny film", "tedious and far too long", "meh"], padding=True, return_tensors="np")
+    ours = checkpoints.load_pretrained(folder)(
+        *(jnp.asarray(enc[k]) for k in ("input_ids", "token_type_ids", "attention_mask"))).logits
+    hf = transformers.BertForSequenceClassification.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        theirs = hf(**{k: torch.from_numpy(v) for k, v in enc.items()}).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-5)
+    assert hf.config.id2label == {0: "negative", 1: "positive"}
+    assert np.argmax(theirs, -1).tolist()[:2] == [1, 0]  # it learnt sentiment
