@@ -9,6 +9,7 @@ differentiated: the teacher's forward pass (online mode) runs inside the same pr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -367,11 +368,11 @@ def _teacher_source(config) -> tuple[str, str]:
     return config.teacher, config.model
 
 
-def _check_compatible(teacher, student, teacher_tok, student_tok) -> None:
+def _check_compatible(teacher: bert.BertConfig, student: bert.BertConfig, teacher_tok, student_tok) -> None:
     if teacher_tok.get_vocab() != student_tok.get_vocab():
         raise ValueError("teacher and student use different vocabularies; distillation needs the same "
                          "tokenizer (initialise the student from the teacher's pretrained checkpoint)")
-    th, sh = teacher.config.hidden_size, student.config.hidden_size
+    th, sh = teacher.hidden_size, student.hidden_size
     if th != sh:
         raise ValueError(f"teacher hidden size {th} != student hidden size {sh}: the patient loss "
                          "compares [CLS] vectors of equal size")
@@ -384,42 +385,123 @@ def _batch_rows(train_tok, config, step: int) -> list[int]:
     return train_tok.idx[batch["index"]].tolist()
 
 
-def train_and_evaluate(config, workdir) -> dict:
-    """Fine-tune (config.kind="finetune") or distil ("distill") on a GLUE task; returns results.json."""
-    # ---- Setup ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class Setup:
+    """Everything a run needs before its first step: mesh, data, teacher, student recipe.
+
+    Built by `prepare(config)`; shared by `train_and_evaluate` and the vmapped sweep.
+    """
+
+    config: Any
+    mesh: Any
+    fsdp: bool
+    dtype: Any
+    task: data.TaskSpec
+    cache_dir: Path
+    pretrained: str  # the checkpoint students (and fine-tuned models) start from
+    tokenizer: Any
+    train_tok: data.Tokenized
+    dev_tok: data.Tokenized
+    steps_per_epoch: int
+    total_steps: int
+    teacher: Any = None  # the loaded teacher model (distillation only)
+    teacher_path: str | None = None
+    layer_map: tuple[int, ...] | None = None
+
+    @property
+    def distill(self) -> bool:
+        return self.teacher is not None
+
+    @property
+    def online(self) -> bool:
+        c = self.config
+        return self.distill and (c.teacher_mode == "online" or (c.teacher_mode == "auto" and c.teacher_dropout))
+
+    def new_student(self, seed: int) -> bert.BertForSequenceClassification:
+        """The model to train: the first `layers` layers of `pretrained`, a head seeded by `seed`."""
+        c = self.config
+        overrides = {k: v for k, v in c.model_overrides.items() if v is not None}
+        label_names = None if self.task.is_regression else self.task.label_names
+        return checkpoints.load_pretrained(self.pretrained, num_labels=self.task.num_labels, num_layers=c.layers,
+                                           dtype=self.dtype, seed=seed, label_names=label_names, **overrides)
+
+    def optimizer(self) -> optax.GradientTransformation:
+        c = self.config
+        return optim.make_optimizer(learning_rate=c.learning_rate, total_steps=self.total_steps,
+                                    warmup_steps=self.warmup_steps, weight_decay=c.weight_decay,
+                                    max_grad_norm=c.max_grad_norm)
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(self.config.warmup_fraction * self.total_steps)
+
+    def hparams(self) -> dict[str, float]:
+        """alpha, beta, temperature of the config (fine-tuning: 0, 0, 1)."""
+        c = self.config
+        return {"alpha": c.get("alpha", 0.0), "beta": c.get("beta", 0.0), "temperature": c.get("temperature", 1.0)}
+
+    def teacher_inputs(self, lead: bool = True):
+        """(teacher graphdef, teacher params, add_teacher) for the step and the host batches.
+
+        Online: the placed teacher for every step. Cached: (None, None, cache.add_to) after the
+        teacher's one pass over the training set (or its reuse). Fine-tuning: all None.
+        """
+        if not self.distill:
+            return None, None, None
+        t_graphdef, t_params = nnx.split(self.teacher, nnx.Param)
+        t_params = place(t_params, self.mesh, self.fsdp)
+        if self.online:
+            return t_graphdef, t_params, None
+        from pkd_jax import teacher_cache
+
+        cache = teacher_cache.build_or_load(
+            t_graphdef, t_params, self.train_tok, self.layer_map, mesh=self.mesh,
+            batch_size=self.config.eval_batch_size, cache_dir=self.cache_dir / "teacher",
+            dtype_name=jnp.dtype(self.dtype).name, architecture=repr(self.teacher.config),
+            progress=self.config.progress and lead)
+        log.info("teacher outputs %s: %s", "reused" if cache.reused else "computed", cache.path)
+        return None, None, cache.add_to
+
+    def make_step(self, graphdef, tx, teacher_graphdef=None):
+        """The pure step: (state, batch) for fine-tuning, (state, teacher_params, batch) to distil."""
+        c = self.config
+        if not self.distill:
+            return make_finetune_step(graphdef, tx, regression=self.task.is_regression)
+        return make_distill_step(graphdef, tx, layer_map=self.layer_map, teacher_graphdef=teacher_graphdef,
+                                 teacher_dropout=c.teacher_dropout, normalize=c.normalize, mode=c.mode,
+                                 regression=self.task.is_regression, distance=c.distance)
+
+    def train_batches(self, start: int, add_teacher=None):
+        """Sharded training batches from step `start` on (with teacher outputs when cached)."""
+        c = self.config
+        for b in data.train_batches(self.train_tok, c.batch_size, c.seed, start_step=start, bucket=c.bucket):
+            b = add_teacher(b) if add_teacher else b
+            yield partitioning.shard_batch({k: b[k] for k in _TRAIN_INPUTS if k in b}, self.mesh)
+
+
+def prepare(config) -> Setup:
+    """Check the config, join the processes, build the mesh, load the teacher and the data."""
     check_config(config)
     partitioning.initialize_distributed(**config.distributed)
-    workdir = Path(workdir)
-    lead = jax.process_index() == 0
     mesh = partitioning.make_mesh(config.mesh.fsdp)
-    fsdp = config.mesh.fsdp > 1
     for key in ("batch_size", "eval_batch_size"):
         partitioning.check_batch_size(config[key], mesh)
     dtype = compute_dtype(config.dtype)
     task = data.get_task(config.task)
     cache_dir = Path(config.cache_dir) if config.cache_dir else data.cache_root()
-    if lead:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1) + "\n")
 
-    # ---- Models --------------------------------------------------------------------------
-    overrides = {k: v for k, v in config.model_overrides.items() if v is not None}
-    label_names = None if task.is_regression else task.label_names
-    teacher = layer_map = None
+    teacher = teacher_path = layer_map = None
+    pretrained = config.model
     if config.kind == "distill":
         teacher_path, pretrained = _teacher_source(config)
         teacher = checkpoints.load_pretrained(teacher_path, num_labels=task.num_labels, dtype=dtype)
-    else:
-        pretrained = config.model
-    model = checkpoints.load_pretrained(pretrained, num_labels=task.num_labels, num_layers=config.layers,
-                                        dtype=dtype, seed=config.seed, label_names=label_names, **overrides)
     tokenizer = checkpoints.load_tokenizer(pretrained)
     if teacher is not None:
-        _check_compatible(teacher, model, checkpoints.load_tokenizer(teacher_path), tokenizer)
-        layer_map = losses.layer_map(teacher.config.num_hidden_layers, model.config.num_hidden_layers,
+        student = checkpoints.load_config(pretrained, num_layers=config.layers)
+        _check_compatible(teacher.config, student, checkpoints.load_tokenizer(teacher_path), tokenizer)
+        layer_map = losses.layer_map(teacher.config.num_hidden_layers, student.num_hidden_layers,
                                      _strategy(config.strategy))
 
-    # ---- Data ----------------------------------------------------------------------------
     dev_split = "validation_matched" if config.task == "mnli" else "validation"
     train_tok = _tokenized_split(config, tokenizer, "train", cache_dir, subsample=config.train_examples)
     dev_tok = _tokenized_split(config, tokenizer, dev_split, cache_dir, limit=config.eval_examples)
@@ -427,38 +509,33 @@ def train_and_evaluate(config, workdir) -> dict:
     if steps_per_epoch == 0:
         _fail("batch_size", config.batch_size, f"at most the {len(train_tok)} training examples")
     total = config.max_steps or int(np.ceil(config.num_epochs * steps_per_epoch))
+    return Setup(config=config, mesh=mesh, fsdp=config.mesh.fsdp > 1, dtype=dtype, task=task,
+                 cache_dir=cache_dir, pretrained=pretrained, tokenizer=tokenizer, train_tok=train_tok,
+                 dev_tok=dev_tok, steps_per_epoch=steps_per_epoch, total_steps=total, teacher=teacher,
+                 teacher_path=teacher_path, layer_map=layer_map)
 
-    # ---- Optimizer, state, steps ------------------------------------------------------------
-    tx = optim.make_optimizer(learning_rate=config.learning_rate, total_steps=total,
-                              warmup_steps=int(config.warmup_fraction * total),
-                              weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
-    hp = {k: config.get(k, 0.0) for k in ("alpha", "beta")}
-    graphdef, state = create_train_state(model, tx, config.seed, temperature=config.get("temperature", 1.0), **hp)
+
+def train_and_evaluate(config, workdir) -> dict:
+    """Fine-tune (config.kind="finetune") or distil ("distill") on a GLUE task; returns results.json."""
+    # ---- Setup ---------------------------------------------------------------------------
+    setup = prepare(config)
+    workdir = Path(workdir)
+    lead = jax.process_index() == 0
+    mesh, fsdp, total = setup.mesh, setup.fsdp, setup.total_steps
+    train_tok, dev_tok, steps_per_epoch = setup.train_tok, setup.dev_tok, setup.steps_per_epoch
+    if lead:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1) + "\n")
+
+    # ---- Model, optimizer, step ---------------------------------------------------------------
+    model = setup.new_student(config.seed)
+    tx = setup.optimizer()
+    graphdef, state = create_train_state(model, tx, config.seed, **setup.hparams())
     state = place(state, mesh, fsdp)
     eval_fn = jax.jit(make_eval_step(graphdef))
-    teacher_params, add_teacher = None, None
-    if teacher is None:
-        compiled = compile_step(make_finetune_step(graphdef, tx, regression=task.is_regression), state, mesh, fsdp=fsdp)
-        run_step = compiled
-    else:
-        online = config.teacher_mode == "online" or (config.teacher_mode == "auto" and config.teacher_dropout)
-        t_graphdef, t_params = nnx.split(teacher, nnx.Param)
-        t_params = place(t_params, mesh, fsdp)
-        if not online:
-            from pkd_jax import teacher_cache
-
-            cache = teacher_cache.build_or_load(
-                t_graphdef, t_params, train_tok, layer_map, mesh=mesh, batch_size=config.eval_batch_size,
-                cache_dir=cache_dir / "teacher", dtype_name=jnp.dtype(dtype).name,
-                architecture=repr(teacher.config), progress=config.progress and lead)
-            log.info("teacher outputs %s: %s", "reused" if cache.reused else "computed", cache.path)
-            add_teacher, t_params = cache.add_to, None
-        step_fn = make_distill_step(
-            graphdef, tx, layer_map=layer_map, teacher_graphdef=t_graphdef if online else None,
-            teacher_dropout=config.teacher_dropout, normalize=config.normalize, mode=config.mode,
-            regression=task.is_regression, distance=config.distance)
-        compiled = compile_step(step_fn, state, mesh, fsdp=fsdp)
-        run_step = lambda s, b: compiled(s, t_params, b)  # noqa: E731
+    t_graphdef, t_params, add_teacher = setup.teacher_inputs(lead)
+    compiled = compile_step(setup.make_step(graphdef, tx, t_graphdef), state, mesh, fsdp=fsdp)
+    run_step = (lambda s, b: compiled(s, t_params, b)) if setup.distill else compiled
 
     # ---- Resume ----------------------------------------------------------------------------
     ckpt = checkpoints.TrainCheckpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
@@ -471,12 +548,6 @@ def train_and_evaluate(config, workdir) -> dict:
     start = int(state.step)
 
     # ---- Loop ------------------------------------------------------------------------------
-    def host_batches():
-        batches = data.train_batches(train_tok, config.batch_size, config.seed, start_step=start, bucket=config.bucket)
-        for b in batches:
-            b = add_teacher(b) if add_teacher else b
-            yield partitioning.shard_batch({k: b[k] for k in _TRAIN_INPUTS if k in b}, mesh)
-
     run_log = RunLog(workdir, start, total, lead, config.progress)
     stop = _SigtermFlag()
     pending: list[tuple[int, Metrics]] = []  # device metrics since the last fetch: no sync per step
@@ -502,7 +573,7 @@ def train_and_evaluate(config, workdir) -> dict:
         meta["train_seconds"] += elapsed
         values = {k: float(np.mean([m[k] for _, m in host])) for k in host[-1][1]}
         values["examples_per_s"] = (step - window_start) * config.batch_size / max(elapsed, 1e-9)
-        values["learning_rate"] = float(config.learning_rate * optim.lr_schedule(1.0, total, int(config.warmup_fraction * total))(step - 1))
+        values["learning_rate"] = float(config.learning_rate * optim.lr_schedule(1.0, total, setup.warmup_steps)(step - 1))
         values["epoch"] = step / steps_per_epoch
         run_log.write(step, "train", values)
         pending = []
@@ -521,13 +592,13 @@ def train_and_evaluate(config, workdir) -> dict:
             meta["best"] = meta["last"]
             params = jax.tree.map(_host, state.params)
             if lead:
-                checkpoints.save_pretrained(nnx.merge(graphdef, params), workdir / "model", tokenizer)
+                checkpoints.save_pretrained(nnx.merge(graphdef, params), workdir / "model", setup.tokenizer)
         save(step, result["score"])
         restart_window(step)  # evaluation time is not training time
         return result
 
     try:
-        with data.prefetch(host_batches(), size=2) as batches:
+        with data.prefetch(setup.train_batches(start, add_teacher), size=2) as batches:
             for step in range(start + 1, total + 1):
                 if stop.requested:
                     save(step - 1)
@@ -558,40 +629,41 @@ def train_and_evaluate(config, workdir) -> dict:
         "best": meta["best"], "last": meta["last"], "total_steps": total,
         "train_seconds": meta["train_seconds"],
         "examples_per_s": total * config.batch_size / max(meta["train_seconds"], 1e-9),
-        "model": {"pretrained": pretrained, "layers": model.config.num_hidden_layers,
+        "model": {"pretrained": setup.pretrained, "layers": model.config.num_hidden_layers,
                   "hidden_size": model.config.hidden_size, "params": bert.param_count(model),
                   "params_without_embeddings": bert.param_count(model, embeddings=False)},
-        "teacher": None if teacher is None else {"path": teacher_path, "layers": teacher.config.num_hidden_layers,
-                                                 "layer_map": list(layer_map)},
+        "teacher": None if not setup.distill else {
+            "path": setup.teacher_path, "layers": setup.teacher.config.num_hidden_layers,
+            "layer_map": list(setup.layer_map)},
         "train_examples": len(train_tok), "dev_examples": len(dev_tok),
         "config": json.loads(config.to_json_best_effort()),
     }
     if config.predict_test:
-        results["test_predictions"] = _predict_test(config, workdir, tokenizer, cache_dir, mesh, lead)
+        results["test_predictions"] = _predict_test(setup, workdir, lead)
     if lead:
         (workdir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     ckpt.close()
     return results
 
 
-def _predict_test(config, workdir: Path, tokenizer, cache_dir: Path, mesh, lead: bool) -> list[str]:
-    """GLUE submission files of the best model for every labelled-(-1) test split found."""
+def _predict_test(setup: Setup, workdir: Path, lead: bool) -> list[str]:
+    """GLUE submission files of the best model (W/model) for every test split found."""
     from jax.experimental import multihost_utils
 
+    config = setup.config
     multihost_utils.sync_global_devices("model exported")
-    best = checkpoints.load_pretrained(workdir / "model", dtype=compute_dtype(config.dtype))
-    graphdef, params = nnx.split(best, nnx.Param)
+    graphdef, params = nnx.split(checkpoints.load_pretrained(workdir / "model", dtype=setup.dtype), nnx.Param)
     eval_fn = jax.jit(make_eval_step(graphdef))
-    params = place(params, mesh, config.mesh.fsdp > 1)
+    params = place(params, setup.mesh, setup.fsdp)
     written = []
-    for split in (s for s in data.get_task(config.task).splits if s.startswith("test")):
+    for split in (s for s in setup.task.splits if s.startswith("test")):
         try:
-            tok = _tokenized_split(config, tokenizer, split, cache_dir, limit=config.test_examples)
+            tok = _tokenized_split(config, setup.tokenizer, split, setup.cache_dir, limit=config.test_examples)
         except (data.GlueFormatError, RuntimeError) as e:
             log.warning("no test predictions for %s/%s: %s", config.task, split, e)
             continue
         preds = metrics.predictions_from_logits(
-            config.task, predict(eval_fn, params, tok, mesh, config.eval_batch_size))
+            config.task, predict(eval_fn, params, tok, setup.mesh, config.eval_batch_size))
         if lead:
             path = data.write_glue_predictions(config.task, preds, tok.idx, workdir / "predictions", split=split)
             written.append(str(path))
