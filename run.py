@@ -3,6 +3,8 @@ r"""Fine-tune or distil a BERT on a GLUE task: the one entry point.
   python run.py --config=configs/finetune.py:task=rte,model=minilm-l6,glue_dir=../shared/glue --workdir=runs/rte/teacher
   python run.py --config=configs/pkd.py:task=rte,teacher=runs/rte/teacher,layers=3,strategy=skip,glue_dir=../shared/glue \
       --workdir=runs/rte/pkd3
+  python run.py --config=configs/sweep.py:task=rte,teacher=runs/rte/teacher,layers=3,strategy=skip,glue_dir=../shared/glue \
+      --workdir=runs/rte/sweep-skip3
 
 Any config field can be overridden (--config.seed=1). Running the same command again resumes
 from the workdir's last checkpoint. See each config's docstring for more.
@@ -15,7 +17,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from pkd_jax import train
+from pkd_jax import partitioning, sweep, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py:args", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs, results and the model go.")
@@ -27,17 +29,34 @@ def main(argv):
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
     logging.getLogger("pkd_jax").setLevel(logging.INFO)
     config = _CONFIG.value
+    partitioning.initialize_distributed(**config.distributed)  # before anything touches a device
     print(f"config:\n{config}", flush=True)
-    print(f"devices: {jax.devices()}", flush=True)
+    print(f"process {jax.process_index()} of {jax.process_count()}; devices: {jax.devices()}", flush=True)
+    print(f"mesh: {dict(partitioning.make_mesh(config.mesh.fsdp).shape)}", flush=True)
+    run = sweep.run_sweep if config.kind == "sweep" else train.train_and_evaluate
     try:
-        results = train.train_and_evaluate(config, _WORKDIR.value)
+        results = run(config, _WORKDIR.value)
     except train.Preempted as e:
         print(e, file=sys.stderr)
         sys.exit(143)  # 128 + SIGTERM: "terminated", not finished
     best = results["best"]
-    print(f"best dev {results['metric']} = {best['metrics']['score']:.4f} at step {best['step']}; "
-          f"model in {_WORKDIR.value}/model", flush=True)
+    point = sweep.describe(best) if config.kind == "sweep" else ""
+    print(f"best dev {results['metric']} = {best['metrics']['score']:.4f} at step {best['step']}{point}; "
+          f"model in {_WORKDIR.value}/{'best_model' if point else 'model'}", flush=True)
+
+
+def parse_flags(argv):
+    """absl's parser, but an unknown --config.KEY gets a one-line error instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except AttributeError as e:  # ml_collections: the key does not exist in the (locked) config
+        key = str(e).strip("\"'")
+        bad = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0].split(".")]
+        files = [a.split("=", 1)[1].split(":")[0] for a in argv[1:] if a.startswith("--config=")]
+        print(f"FATAL Flags parsing error: {' '.join(bad) or key}: {key!r} is not a config key; the "
+              f"fields are listed in {' and '.join(files + ['configs/common.py'])}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

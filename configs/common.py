@@ -83,12 +83,14 @@ def base_config(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.keep_checkpoints = 2  # the latest N, plus the best by the task's main metric
     c.progress = True  # tqdm progress bars
-    c.cache_dir = config_dict.placeholder(str)  # tokenised data and teacher outputs; None: $PKD_JAX_CACHE
+    c.cache_dir = config_dict.placeholder(str)  # tokenised data, teacher outputs, compiled programs; None: $PKD_JAX_CACHE
+    c.compilation_cache = True  # keep XLA programs in cache_dir/xla: reruns and resumes skip compiling
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.fsdp = 1  # >1 shards params and optimizer state over this many devices
-    c.distributed = ml_collections.ConfigDict()  # multi-process; all None: auto-detect or single
-    c.distributed.coordinator_address = config_dict.placeholder(str)
+    c.distributed = ml_collections.ConfigDict()  # multi-process runs; see README "Scaling out"
+    c.distributed.initialize = False  # True: jax.distributed.initialize() finds its peers (TPU pods, SLURM)
+    c.distributed.coordinator_address = config_dict.placeholder(str)  # or name them: host:port, count, id
     c.distributed.num_processes = config_dict.placeholder(int)
     c.distributed.process_id = config_dict.placeholder(int)
 

@@ -38,6 +38,9 @@ def get_config(arg=None):
     c.normalize = True  # L2-normalise [CLS] vectors before the patient distance
     c.mode = "compat"  # compat | paper
     c.distance = "mse"  # a registered patient distance or "package.module:function"
+    # A teacher of another hidden size (e.g. BERT-large -> a BERT-base-wide student): learn a linear
+    # map of the student's [CLS] vectors to the teacher's size, trained with the student.
+    c.projection = False
     # cached: teacher outputs computed once and memory-mapped; online: the teacher runs in
     # every step (needed when it sees dropout-augmented views); auto: cached unless teacher_dropout.
     c.teacher_mode = "auto"

@@ -53,6 +53,8 @@ def resolve(path_or_name: str | os.PathLike) -> Path:
             raise CheckpointError(f"{p} is a file; expected a HuggingFace model folder")
         return p
     name = str(path_or_name)
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:  # a path, not a hub id
+        raise CheckpointError(f"{p}: no such model folder")
     if name in KNOWN_MODELS:
         package, sub = KNOWN_MODELS[name]
         spec = importlib.util.find_spec(package)
@@ -298,13 +300,17 @@ def save_pretrained(model: BertForSequenceClassification, path, tokenizer=None) 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        HFBertConfig(**model.config.to_hf_dict()).save_pretrained(tmp)
-        save_file(state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
-        source = getattr(model, "name_or_path", None)
-        if tokenizer is None and source and any((Path(source) / f).exists() for f in _TOKENIZER_FILES):
-            tokenizer = load_tokenizer(source)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        try:
+            HFBertConfig(**model.config.to_hf_dict()).save_pretrained(tmp)
+            save_file(state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
+            source = getattr(model, "name_or_path", None)
+            if tokenizer is None and source and any((Path(source) / f).exists() for f in _TOKENIZER_FILES):
+                tokenizer = load_tokenizer(source)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        except OSError as e:  # e.g. a full disk; the previous export (if any) is untouched
+            raise CheckpointError(f"{path}: writing the model failed ({e}); the previous export, "
+                                  "if any, is intact") from e
         old = path.with_name(f".{path.name}.old")
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -346,13 +352,19 @@ class TrainCheckpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state, meta: dict, score: float | None = None) -> bool:
-        """Save unless this step is already saved; `score` ranks it for the best-N policy."""
+        """Save unless this step is already saved; `score` ranks it for the best-N policy.
+
+        Asynchronous: a failure (e.g. a full disk) surfaces here at the next save or in `wait`.
+        """
         if step in self.manager.all_steps():
             return False
         args = self._ocp.args.Composite(state=self._ocp.args.StandardSave(state),
                                         meta=self._ocp.args.JsonSave(meta))
         metrics = None if score is None else {"score": float(score)}
-        return self.manager.save(step, args=args, metrics=metrics, force=True)
+        try:
+            return self.manager.save(step, args=args, metrics=metrics, force=True)
+        except Exception as e:
+            raise self._failed(e) from e
 
     def restore(self, step: int, target):
         """(state, meta) of `step`, laid out like `target` (arrays or ShapeDtypeStructs with shardings)."""
@@ -375,7 +387,17 @@ class TrainCheckpointer:
         return None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._failed(e) from e
+
+    def _failed(self, e: Exception) -> CheckpointError:
+        latest = max(self.all_steps(), default=None)
+        return CheckpointError(
+            f"{self.manager.directory}: saving a checkpoint failed ({type(e).__name__}: {e}). "
+            f"Checkpoints already complete are intact (latest: step {latest}); a full disk is the "
+            "usual cause: free some space and run the same command again to resume.")
 
     def close(self) -> None:
         self.manager.close()

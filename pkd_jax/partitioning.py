@@ -20,22 +20,21 @@ log = logging.getLogger(__name__)
 BATCH_AXES = ("data", "fsdp")
 
 
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-    """Join a multi-process run (TPU pod slice, multi-GPU node, SLURM).
+def initialize_distributed(initialize: bool = False, coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None) -> None:
+    """Join a multi-process run (TPU pod slice, multi-node GPUs, SLURM); call before touching devices.
 
-    With no arguments, JAX detects Cloud TPU, SLURM and similar clusters itself; the
-    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables work too. A lone
-    process with nothing configured is left alone.
+    initialize=True: `jax.distributed.initialize()` detects its peers itself (Cloud TPU, SLURM,
+    Open MPI). A coordinator address (argument or JAX_COORDINATOR_ADDRESS) with the process count
+    and id configures it by hand. Nothing given: a single process. A second call does nothing.
     """
     configured = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    on_cluster = any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
-    if not (configured or on_cluster):
+    if not (initialize or configured) or jax.distributed.is_initialized():
         return
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
     log.info("process %d of %d, %d local devices of %d", jax.process_index(), jax.process_count(),
-                 jax.local_device_count(), jax.device_count())
+             jax.local_device_count(), jax.device_count())
 
 
 def make_mesh(fsdp: int = 1, devices=None) -> Mesh:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -44,16 +45,32 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # raw uint32 key; step s uses fold_in(rng, s), so resuming replays dropout exactly
     hparams: dict[str, jax.Array]  # alpha, beta, temperature: float32 scalars (one per student under vmap)
+    # Learned map of the student's [CLS] vectors to the teacher's hidden size ({"kernel", "bias"}),
+    # trained with the student; None when both sizes agree.
+    projection: Any = None
+
+    def trainable(self):
+        """What the optimizer updates: the params, plus the projection when there is one."""
+        return self.params if self.projection is None else (self.params, self.projection)
 
 
 def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int,
-                       alpha: float = 0.0, beta: float = 0.0, temperature: float = 1.0):
-    """(graphdef, state) for a student model; the graphdef is static, the state a pytree."""
+                       alpha: float = 0.0, beta: float = 0.0, temperature: float = 1.0,
+                       projection_to: int | None = None):
+    """(graphdef, state) for a student model; the graphdef is static, the state a pytree.
+
+    projection_to: the teacher's hidden size, when it differs from the student's.
+    """
     graphdef, params = nnx.split(model, nnx.Param)
     hparams = {k: jnp.float32(v) for k, v in (("alpha", alpha), ("beta", beta), ("temperature", temperature))}
-    state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                       rng=jax.random.PRNGKey(seed), hparams=hparams)
-    return graphdef, state
+    projection = None
+    if projection_to is not None:
+        hidden = model.config.hidden_size
+        init = jax.random.normal(jax.random.PRNGKey(seed), (hidden, projection_to)) * model.config.initializer_range
+        projection = {"kernel": init, "bias": jnp.zeros(projection_to)}
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=None, rng=jax.random.PRNGKey(seed),
+                       hparams=hparams, projection=projection)
+    return graphdef, state.replace(opt_state=tx.init(state.trainable()))
 
 
 # ============================================================================================
@@ -69,11 +86,16 @@ def forward(graphdef, params, batch: Batch, *, rng=None):
 
 
 def _apply_gradients(state: TrainState, tx, loss_fn) -> tuple[TrainState, jax.Array, Any]:
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    return new, loss, (aux, optax.tree.norm(grads))
+    """One optimizer update; `loss_fn(params, projection)` -> (loss, aux)."""
+    def loss_of(trainable):
+        return loss_fn(*(trainable if state.projection is not None else (trainable, None)))
+
+    (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.trainable())
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable())
+    new = optax.apply_updates(state.trainable(), updates)
+    params, projection = new if state.projection is not None else (new, None)
+    state = state.replace(step=state.step + 1, params=params, projection=projection, opt_state=opt_state)
+    return state, loss, (aux, optax.tree.norm(grads))
 
 
 def _accuracy(logits, labels):
@@ -91,7 +113,7 @@ def make_finetune_step(graphdef, tx: optax.GradientTransformation, *, regression
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(state.rng, state.step)
 
-        def loss_fn(params):
+        def loss_fn(params, _):
             logits = forward(graphdef, params, batch, rng=rng).logits
             if regression:
                 return jnp.mean(jnp.square(logits[:, 0] - batch["labels"])), logits
@@ -130,10 +152,13 @@ def make_distill_step(graphdef, tx: optax.GradientTransformation, *, layer_map: 
         t_logits, t_cls = teacher_outputs(teacher_params, batch, jax.random.fold_in(rng, 1))
         hp = state.hparams
 
-        def loss_fn(params):
+        def loss_fn(params, projection):
             out = forward(graphdef, params, batch, rng=rng)
+            s_cls = out.cls[:k_minus_1]
+            if projection is not None:
+                s_cls = s_cls @ projection["kernel"] + projection["bias"]
             loss, terms = losses.pkd_loss(
-                out.logits, t_logits, batch["labels"], out.cls[:k_minus_1], t_cls,
+                out.logits, t_logits, batch["labels"], s_cls, t_cls,
                 alpha=hp["alpha"], beta=hp["beta"], temperature=hp["temperature"],
                 normalize=normalize, mode=mode, regression=regression, distance=distance)
             return loss, (terms, out.logits)
@@ -306,6 +331,20 @@ def evaluate(eval_fn, params, tok: data.Tokenized, task: str, mesh, batch_size: 
 # --------------------------------------------------------------------------------------------
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a line cut short by a kill
+
+
 class RunLog:
     def __init__(self, workdir: Path, start: int, total: int, enabled: bool, progress: bool):
         self.enabled = enabled
@@ -315,9 +354,9 @@ class RunLog:
         from tqdm.auto import tqdm
 
         path = workdir / "metrics.jsonl"
-        if path.exists():  # drop lines a killed run wrote after its last checkpoint
-            kept = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= start]
-            path.write_text("".join(l + "\n" for l in kept))
+        if path.exists():  # drop lines a killed run wrote after its last checkpoint, or half-wrote
+            kept = [l for l in path.read_text().splitlines() if _step_of(l) <= start]
+            write_atomic(path, "".join(l + "\n" for l in kept))
         self.jsonl = path.open("a")
         self.tb = SummaryWriter(str(workdir / "tensorboard"))
         self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
@@ -368,14 +407,16 @@ def _teacher_source(config) -> tuple[str, str]:
     return config.teacher, config.model
 
 
-def _check_compatible(teacher: bert.BertConfig, student: bert.BertConfig, teacher_tok, student_tok) -> None:
+def _check_compatible(teacher: bert.BertConfig, student: bert.BertConfig, teacher_tok, student_tok,
+                      projection: bool) -> None:
     if teacher_tok.get_vocab() != student_tok.get_vocab():
         raise ValueError("teacher and student use different vocabularies; distillation needs the same "
                          "tokenizer (initialise the student from the teacher's pretrained checkpoint)")
     th, sh = teacher.hidden_size, student.hidden_size
-    if th != sh:
+    if th != sh and not projection:
         raise ValueError(f"teacher hidden size {th} != student hidden size {sh}: the patient loss "
-                         "compares [CLS] vectors of equal size")
+                         "compares [CLS] vectors of equal size; set --config.projection=True to learn "
+                         "a linear map from the student's to the teacher's")
 
 
 def _batch_rows(train_tok, config, step: int) -> list[int]:
@@ -435,10 +476,16 @@ class Setup:
     def warmup_steps(self) -> int:
         return int(self.config.warmup_fraction * self.total_steps)
 
-    def hparams(self) -> dict[str, float]:
-        """alpha, beta, temperature of the config (fine-tuning: 0, 0, 1)."""
+    def hparams(self) -> dict[str, Any]:
+        """create_train_state's keywords: alpha, beta, temperature (fine-tuning: 0, 0, 1) and,
+        when the teacher is wider or narrower than the student, the projection's output size."""
         c = self.config
-        return {"alpha": c.get("alpha", 0.0), "beta": c.get("beta", 0.0), "temperature": c.get("temperature", 1.0)}
+        hp = {"alpha": c.get("alpha", 0.0), "beta": c.get("beta", 0.0), "temperature": c.get("temperature", 1.0)}
+        if self.distill:
+            student = checkpoints.load_config(self.pretrained, num_layers=c.layers)
+            if student.hidden_size != self.teacher.config.hidden_size:
+                hp["projection_to"] = self.teacher.config.hidden_size
+        return hp
 
     def teacher_inputs(self, lead: bool = True):
         """(teacher graphdef, teacher params, add_teacher) for the step and the host batches.
@@ -482,13 +529,15 @@ class Setup:
 def prepare(config) -> Setup:
     """Check the config, join the processes, build the mesh, load the teacher and the data."""
     check_config(config)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else data.cache_root()
+    if config.compilation_cache:  # a resumed run, or the next student, skips recompiling
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir / "xla"))
     partitioning.initialize_distributed(**config.distributed)
     mesh = partitioning.make_mesh(config.mesh.fsdp)
     for key in ("batch_size", "eval_batch_size"):
         partitioning.check_batch_size(config[key], mesh)
     dtype = compute_dtype(config.dtype)
     task = data.get_task(config.task)
-    cache_dir = Path(config.cache_dir) if config.cache_dir else data.cache_root()
 
     teacher = teacher_path = layer_map = None
     pretrained = config.model
@@ -498,7 +547,8 @@ def prepare(config) -> Setup:
     tokenizer = checkpoints.load_tokenizer(pretrained)
     if teacher is not None:
         student = checkpoints.load_config(pretrained, num_layers=config.layers)
-        _check_compatible(teacher.config, student, checkpoints.load_tokenizer(teacher_path), tokenizer)
+        _check_compatible(teacher.config, student, checkpoints.load_tokenizer(teacher_path), tokenizer,
+                          config.projection)
         layer_map = losses.layer_map(teacher.config.num_hidden_layers, student.num_hidden_layers,
                                      _strategy(config.strategy))
 
@@ -525,7 +575,7 @@ def train_and_evaluate(config, workdir) -> dict:
     train_tok, dev_tok, steps_per_epoch = setup.train_tok, setup.dev_tok, setup.steps_per_epoch
     if lead:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1) + "\n")
+        write_atomic(workdir / "config.json", config.to_json_best_effort(indent=1) + "\n")
 
     # ---- Model, optimizer, step ---------------------------------------------------------------
     model = setup.new_student(config.seed)
@@ -636,12 +686,13 @@ def train_and_evaluate(config, workdir) -> dict:
             "path": setup.teacher_path, "layers": setup.teacher.config.num_hidden_layers,
             "layer_map": list(setup.layer_map)},
         "train_examples": len(train_tok), "dev_examples": len(dev_tok),
+        "truncated": {"train": train_tok.num_truncated, "dev": dev_tok.num_truncated},
         "config": json.loads(config.to_json_best_effort()),
     }
     if config.predict_test:
         results["test_predictions"] = _predict_test(setup, workdir, lead)
     if lead:
-        (workdir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        write_atomic(workdir / "results.json", json.dumps(results, indent=1) + "\n")
     ckpt.close()
     return results
 

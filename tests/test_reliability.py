@@ -1,0 +1,269 @@
+"""Bad input, NaN, corrupt checkpoints, a full disk, SIGTERM and SIGKILL: clear errors, nothing lost.
+
+In-process runs use the 8 fake CPU devices; subprocess runs (`run.py`, as users start it) one
+device. Each group is compared with an uninterrupted run of its own kind.
+"""
+
+import json
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+
+from configs import finetune, pkd
+from pkd_jax import bert, checkpoints, data, train
+from pkd_jax.checkpoints import CheckpointError
+
+REPO = Path(__file__).resolve().parents[1]
+ARGS = "task=rte,model=minilm-l6,layers=2,glue_dir={glue},runlocal"  # 30 steps; ckpt 10, 20; eval 15, 30
+
+
+def _config(glue_dir, **fields):
+    c = finetune.get_config(ARGS.format(glue=glue_dir))
+    c.progress, c.predict_test = False, False
+    for k, v in fields.items():
+        c[k] = v
+    return c
+
+
+def _same_results(a: dict, b: dict):
+    assert a["best"] == b["best"] and a["last"] == b["last"]
+
+
+def _same_export(a: Path, b: Path):
+    wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, glue_dir):
+    """An uninterrupted in-process run."""
+    workdir = tmp_path_factory.mktemp("reference")
+    return workdir, train.train_and_evaluate(_config(glue_dir), workdir)
+
+
+# ---- Bad input --------------------------------------------------------------------------------
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "run.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+@pytest.mark.parametrize("override, named", [
+    ("--config.nonexistent=1", "nonexistent"),
+    ("--config.batch_size=abc", "batch_size"),
+    ("--config.dtype=float64", "config.dtype='float64'"),
+])
+def test_cli_rejects_bad_config_naming_the_key(override, named, glue_dir, tmp_path):
+    proc = _cli(f"--config=configs/finetune.py:{ARGS.format(glue=glue_dir)}", f"--workdir={tmp_path}", override)
+    assert proc.returncode != 0 and named in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_config_values_are_checked_before_any_work(glue_dir):
+    c = pkd.get_config(f"task=rte,teacher=x,model=minilm-l6,glue_dir={glue_dir},runlocal")
+    c.strategy = "jump"
+    with pytest.raises(ValueError, match=r"config\.strategy='jump'"):
+        train.check_config(c)
+    with pytest.raises(ValueError, match="unknown config arg 'lr'"):
+        finetune.get_config("task=rte,lr=3")
+
+
+def test_malformed_tsv_row_stops_the_run_naming_file_and_line(glue_dir, tmp_path):
+    bad = tmp_path / "glue"
+    shutil.copytree(glue_dir / "RTE", bad / "RTE")
+    lines = (bad / "RTE" / "train.tsv").read_text().split("\n")
+    lines[6] = "\t".join(lines[6].split("\t")[:-1])  # line 7 loses its label column
+    (bad / "RTE" / "train.tsv").write_text("\n".join(lines))
+    proc = _cli(f"--config=configs/finetune.py:{ARGS.format(glue=bad)}", f"--workdir={tmp_path / 'w'}")
+    assert proc.returncode != 0
+    assert f"{bad / 'RTE' / 'train.tsv'}:7: expected 4 tab-separated columns, found 3" in proc.stderr
+
+
+def test_over_long_inputs_are_truncated_and_counted(reference, glue_dir, tokenizer):
+    _, results = reference
+    ds = data.load_split("rte", "train", glue_dir)
+    rows = np.sort(np.random.default_rng(0).choice(len(ds), 480, replace=False))  # runlocal's subset
+    sub = ds.select(rows)
+    lengths = [len(tokenizer(a, b)["input_ids"]) for a, b in zip(sub["text_a"], sub["text_b"])]
+    assert results["truncated"]["train"] == sum(n > 64 for n in lengths) > 0
+
+
+def _teacher_folder(path: Path, tokenizer, hidden=384):
+    cfg = bert.BertConfig(hidden_size=hidden, num_hidden_layers=4, num_attention_heads=4,
+                          intermediate_size=2 * hidden, label_names=("entailment", "not_entailment"))
+    checkpoints.save_pretrained(bert.BertForSequenceClassification(cfg, rngs=nnx.Rngs(0)), path, tokenizer)
+    return path
+
+
+def _distill_config(glue_dir, teacher, **fields):
+    c = pkd.get_config(f"task=rte,teacher={teacher},model=minilm-l6,layers=2,glue_dir={glue_dir},runlocal")
+    c.progress, c.predict_test, c.max_steps, c.eval_every_steps = False, False, 4, 0
+    for k, v in fields.items():
+        c[k] = v
+    return c
+
+
+def test_teacher_problems_are_named(glue_dir, tokenizer, minilm_dir, tmp_path):
+    with pytest.raises(CheckpointError, match="no such model folder"):
+        train.prepare(_distill_config(glue_dir, tmp_path / "missing"))
+    other = tmp_path / "other_vocab"
+    shutil.copytree(minilm_dir, other)
+    (other / "tokenizer.json").unlink()
+    vocab = (other / "vocab.txt").read_text().split("\n")
+    vocab[2000], vocab[2001] = vocab[2001], vocab[2000]
+    (other / "vocab.txt").write_text("\n".join(vocab))
+    from transformers import AutoTokenizer
+    _teacher_folder(tmp_path / "t_vocab", AutoTokenizer.from_pretrained(str(other)))
+    with pytest.raises(ValueError, match="different vocabularies"):
+        train.prepare(_distill_config(glue_dir, tmp_path / "t_vocab"))
+
+
+def test_hidden_size_mismatch_needs_the_projection(glue_dir, tokenizer, tmp_path):
+    teacher = _teacher_folder(tmp_path / "t96", tokenizer, hidden=96)
+    with pytest.raises(ValueError, match=r"hidden size 96 != student hidden size 384.*projection=True"):
+        train.prepare(_distill_config(glue_dir, teacher))
+    results = train.train_and_evaluate(_distill_config(glue_dir, teacher, projection=True), tmp_path / "w")
+    assert results["total_steps"] == 4
+    logged = [json.loads(l) for l in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(l["pt"]) and l["pt"] > 0 for l in logged if l["split"] == "train")
+
+
+# ---- NaN, corrupt checkpoints, full disk ---------------------------------------------------------
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(glue_dir, tmp_path, monkeypatch):
+    real = train.make_finetune_step
+
+    def poisoned(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def wrapped(state, batch):  # from step 12 on, the update blows up
+            new, m = step(state, batch)
+            bad = state.step >= 11
+            params = jax.tree.map(lambda p: jnp.where(bad, jnp.nan, p), new.params)
+            return new.replace(params=params), dict(m, loss=jnp.where(bad, jnp.nan, m["loss"]))
+        return wrapped
+
+    monkeypatch.setattr(train, "make_finetune_step", poisoned)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 12 \(batch of training examples idx \[\d+"):
+        train.train_and_evaluate(_config(glue_dir), tmp_path)
+    ckpt = checkpoints.TrainCheckpointer(tmp_path / "checkpoints")
+    assert ckpt.all_steps() == [10]
+    step, state, _ = ckpt.restore_latest(train.create_train_state(
+        checkpoints.load_pretrained("minilm-l6", num_labels=2, num_layers=2), _optimizer(), 0)[1])
+    assert step == 10 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def _optimizer():
+    from pkd_jax import optim
+
+    return optim.make_optimizer(learning_rate=2e-5, total_steps=30, warmup_steps=3)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_an_older_one(reference, glue_dir, tmp_path, caplog):
+    ref_dir, ref = reference
+    workdir = tmp_path / "w"
+    shutil.copytree(ref_dir, workdir)
+    (workdir / "results.json").unlink()
+    for f in (workdir / "checkpoints" / "30" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 1000:
+            f.write_bytes(f.read_bytes()[:100])  # truncated array data
+    results = train.train_and_evaluate(_config(glue_dir), workdir)
+    assert "checkpoint at step 30 could not be restored" in caplog.text
+    _same_results(results, ref)
+    _same_export(workdir, ref_dir)
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(reference, glue_dir, tmp_path, monkeypatch):
+    """From step 20 on, no file may grow past 1 MB (EFBIG, as ENOSPC would): the run stops with a
+    clear error; the complete checkpoints stay restorable and the rerun ends like the reference."""
+    ref_dir, ref = reference
+    real_save = checkpoints.TrainCheckpointer.save
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a killed process
+
+    def save(self, step, *args, **kwargs):
+        if step >= 20:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.TrainCheckpointer, "save", save)
+    try:
+        with pytest.raises(CheckpointError, match="saving a checkpoint failed|writing the model failed"):
+            train.train_and_evaluate(_config(glue_dir), tmp_path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    monkeypatch.undo()
+    assert max(checkpoints.TrainCheckpointer(tmp_path / "checkpoints").all_steps()) < 20
+    _same_results(train.train_and_evaluate(_config(glue_dir), tmp_path), ref)
+    _same_export(tmp_path, ref_dir)
+
+
+# ---- Preemption (subprocesses, like a scheduler) ----------------------------------------------------
+
+
+def _cmd(glue_dir, workdir):
+    return [sys.executable, "run.py", f"--config=configs/finetune.py:{ARGS.format(glue=glue_dir)}",
+            f"--workdir={workdir}", "--config.progress=False", "--config.predict_test=False",
+            "--config.checkpoint_every_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def subprocess_reference(tmp_path_factory, glue_dir):
+    workdir = tmp_path_factory.mktemp("subprocess_reference")
+    subprocess.run(_cmd(glue_dir, workdir), cwd=REPO, check=True, capture_output=True, timeout=600)
+    return workdir
+
+
+def _wait_for_checkpoint(workdir: Path, proc, deadline=300):
+    end = time.time() + deadline
+    while not any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*")):
+        assert proc.poll() is None and time.time() < end, "no checkpoint appeared"
+        time.sleep(0.1)
+
+
+def test_preempted_then_killed_at_random_moments_resumes_bitwise_identically(subprocess_reference, glue_dir,
+                                                                             tmp_path):
+    """SIGTERM once (a checkpoint, a message, exit 143), SIGKILL twice at random moments, then
+    the same command to the end: results, export and metric log equal the uninterrupted run's."""
+    proc = subprocess.Popen(_cmd(glue_dir, tmp_path), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    _wait_for_checkpoint(tmp_path, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr[-2000:]
+    saved = int(stderr.split("saved a checkpoint at step ")[1].split(";")[0])
+    assert saved in checkpoints.TrainCheckpointer(tmp_path / "checkpoints").all_steps()
+
+    rng = random.Random(0)
+    for _ in range(2):
+        proc = subprocess.Popen(_cmd(glue_dir, tmp_path), cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(3.0, 12.0))  # anywhere from start-up to saving
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    subprocess.run(_cmd(glue_dir, tmp_path), cwd=REPO, check=True, capture_output=True, timeout=600)
+
+    _same_results(json.loads((tmp_path / "results.json").read_text()),
+                  json.loads((subprocess_reference / "results.json").read_text()))
+    _same_export(tmp_path, subprocess_reference)
+    ref_lines = (subprocess_reference / "metrics.jsonl").read_text().splitlines()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    strip = lambda ls: [{k: v for k, v in json.loads(l).items() if k != "examples_per_s"} for l in ls]  # noqa: E731
+    assert strip(lines) == strip(ref_lines)
