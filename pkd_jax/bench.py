@@ -13,6 +13,10 @@ Suites (``all``, the default, runs efficiency, train and input in one process):
   (eager; ``torch.compile`` too when CUDA is there), on the same device and shapes, and the ratio.
 * ``input``: tokenisation (uncached and cached) and host batch assembly examples/s against the
   examples/s the step consumes (the headroom must exceed 1: the accelerator must never wait).
+* ``sweep`` (not in ``all``): ``--students`` G students (BERT_3 by default) trained by one
+  vmapped chunk step (``pkd_jax.sweep``, cached teacher outputs, every student with other α/β/T
+  and learning rate) against the same G students trained one after another (G calls of the
+  single-student step), in students·examples/s; plus the chunk size ``sweep`` would pick here.
 
 Timing: the step is compiled ahead of time (``compile_s``, reported apart), run ``--warmup``
 times untimed, then ``--repeats`` times, each call ending in ``jax.block_until_ready``; figures
@@ -65,7 +69,7 @@ from flax import nnx
 from pkd_jax import checkpoints, data, losses, optim, partitioning, train
 from pkd_jax.bert import BertConfig, BertForSequenceClassification, param_count
 
-SUITES = ("efficiency", "train", "torch", "input", "all")
+SUITES = ("efficiency", "train", "torch", "input", "sweep", "all")
 NUM_LABELS = 2
 # PKD hyper-parameters of the benchmarked step; they do not change its cost.
 ALPHA, BETA, TEMPERATURE = 0.5, 100.0, 5.0
@@ -88,6 +92,7 @@ PEAK_TFLOPS_BF16 = (
 # Targets of the project (reported next to the figures, never asserted).
 INFERENCE_SPEEDUP_TARGETS = {(12, 6): 1.95, (12, 3): 3.8}
 CACHED_OVER_ONLINE_TARGET = 0.65
+SWEEP_SPEEDUP_TARGET = 2.0  # vmapped chunk over one-after-another, BERT_3 students on an accelerator
 ACCELERATOR_MFU_TARGET = 0.5
 
 
@@ -651,6 +656,83 @@ def run_input(b: Bench, step: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # ============================================================================================
+# Suite: sweep (vmapped students against students one after another)
+# ============================================================================================
+
+
+def _sweep_points(g: int) -> list[Any]:
+    """G grid points cycling through the paper's grid, so every student differs."""
+    from pkd_jax import sweep
+
+    grid = [(t, a, b) for t in (5.0, 10.0, 20.0) for a in (0.2, 0.5, 0.7) for b in (10.0, 100.0, 500.0, 1000.0)]
+    return [sweep.Point(i, 0, (1e-5, 2e-5, 5e-5)[i % 3], *grid[i % len(grid)]) for i in range(g)]
+
+
+def run_sweep(b: Bench) -> list[dict[str, Any]]:
+    """G students: one vmapped chunk step against G single-student steps, same shapes and batch."""
+    from pkd_jax import sweep
+
+    args = b.args
+    spec = resolve_model(args.model or default_model(b), args.teacher_layers)
+    n = spec.teacher_layers
+    k = args.student_layers or min(3, n)
+    g = args.students or (8 if b.accelerator else 4)
+    batch_size = args.batch_size or 32  # the paper's batch
+    partitioning.check_batch_size(batch_size, b.mesh)
+    layer_map = pkd_layer_map(n, k)
+    tx = optim.make_optimizer(learning_rate=2e-5, total_steps=10_000, warmup_steps=100)
+    model = build_model(spec, k, b.dtype, pretrained=True)
+    graphdef, base = train.create_train_state(model, tx, seed=0)
+    step = train.make_distill_step(graphdef, tx, layer_map=layer_map)
+    batch = partitioning.shard_batch(synthetic_batch(spec.config, batch_size, args.seq_len,
+                                                     cached_layers=len(layer_map)), b.mesh)
+    flops = g * train_flops(spec.config, k, None, args.seq_len)  # per example of the shared batch
+    common = dict(framework="jax", model=spec.name, teacher_layers=n, student_layers=k, students=g)
+
+    _log(f"sweep: {g} vmapped {spec.name} students {n}->{k}, batch {batch_size}")
+    stacked = sweep.stack_students(base, _sweep_points(g), b.mesh)
+    compiled, compile_s = _compile(sweep.compile_students_step(step, stacked, b.mesh), stacked, None, batch)
+    chain = [stacked]  # donated: each call consumes the previous call's state
+
+    def chunk():
+        chain[0], metrics = compiled(chain[0], None, batch)
+        return metrics
+
+    vmapped = b.step_line("sweep", "vmapped", _measure(chunk, warmup=args.warmup, repeats=args.repeats),
+                          batch_size, flops, compile_s=compile_s, **common)
+    chain.clear()  # free the chunk's memory before the sequential students take theirs
+    del stacked
+
+    _log(f"sweep: the same {g} students one after another")
+    states = [train.place(jax.tree.map(jnp.copy, base), b.mesh) for _ in range(g)]
+    compiled, compile_s = _compile(train.compile_step(step, base, b.mesh), states[0], None, batch)
+
+    def one_after_another():
+        metrics = []
+        for i in range(g):
+            states[i], m = compiled(states[i], None, batch)
+            metrics.append(m)
+        return metrics
+
+    sequential = b.step_line("sweep", "sequential", _measure(one_after_another, warmup=args.warmup,
+                                                             repeats=args.repeats),
+                             batch_size, flops, compile_s=compile_s, **common)
+    states.clear()
+
+    for line in (sequential, vmapped):
+        line["students_examples_per_s"] = g * batch_size / line["step_s_median"]
+    vmapped["speedup"] = sequential["step_s_median"] / vmapped["step_s_median"]
+    if b.accelerator:
+        vmapped["targets"] = [_target("vmapped/sequential students·examples/s", vmapped["speedup"], ">=",
+                                      SWEEP_SPEEDUP_TARGET, where="accelerator, BERT_3 students, batch 32")]
+    per_student = sweep.student_bytes(model.config, param_count(model), batch_size // b.mesh.devices.size,
+                                      args.seq_len, jnp.dtype(b.dtype).itemsize)
+    vmapped["auto_students_per_chunk"] = sweep.auto_chunk_size(per_student, sweep.device_memory_bytes(),
+                                                               max_students=36)
+    return [b.emit(line) for line in (sequential, vmapped)]
+
+
+# ============================================================================================
 # Human-readable tables
 # ============================================================================================
 
@@ -678,6 +760,10 @@ _COLUMNS = {
               ("examples/s", "examples_per_s", ".1f", 1), ("TFLOP/s", "tflops_per_s", ".3f", 1),
               ("MFU", "mfu", ".1%", 1), ("jax/torch", "jax_over_torch", ".2f", 1),
               ("compile s", "compile_s", ".1f", 1)],
+    "sweep": [("training", "name", "", 1), ("G", "students", "d", 1), ("ms/step", "step_s_median", ".1f", 1e3),
+              ("students·ex/s", "students_examples_per_s", ".1f", 1), ("speed-up", "speedup", ".2f", 1),
+              ("TFLOP/s", "tflops_per_s", ".3f", 1), ("MFU", "mfu", ".1%", 1),
+              ("compile s", "compile_s", ".1f", 1), ("auto G", "auto_students_per_chunk", "d", 1)],
     "input": [("stage", "name", "", 1), ("examples/s", "examples_per_s", ",.0f", 1),
               ("s (median)", "seconds_median", ".3f", 1),
               ("step ex/s", "step_examples_per_s", ".1f", 1), ("headroom", "headroom", ".1f", 1)],
@@ -726,11 +812,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-layers", type=int, default=None,
                    help="teacher depth (default: the model's)")
     p.add_argument("--student-layers", type=int, default=None,
-                   help="student depth (default: half the teacher's)")
+                   help="student depth (default: half the teacher's; sweep: 3)")
+    p.add_argument("--students", type=int, default=None,
+                   help="sweep: students per vmapped chunk (default 8 on accelerators, 4 on CPU)")
     p.add_argument("--layers", default=None,
                    help="efficiency depths, e.g. 12,6,3 (default: N, N/2, N/4)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="default 128 for efficiency; 256 on accelerators, 32 on CPU otherwise")
+                   help="default 128 for efficiency; sweep 32; 256 on accelerators, 32 on CPU otherwise")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--teacher", default="both", choices=("online", "cached", "both"),
                    help="PKD step(s) to time")
@@ -751,7 +839,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="input suite: tokenise only the first N examples")
     p.add_argument("--json", action="store_true", help="one JSON object per line, no tables")
     args = p.parse_args(argv)
-    for name in ("batch_size", "seq_len", "repeats", "student_layers", "teacher_layers"):
+    for name in ("batch_size", "seq_len", "repeats", "student_layers", "teacher_layers", "students"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -788,6 +876,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         tables.append(("train", run_train(b)))
     if suite == "torch":
         tables.append(("train", run_torch(b)))
+    if suite == "sweep":
+        tables.append(("sweep", run_sweep(b)))
     if suite in ("input", "all"):
         steps = [line for line in b.results
                  if line["suite"] == "train" and line["framework"] == "jax"]

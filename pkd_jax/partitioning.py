@@ -92,3 +92,12 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
         return jax.make_array_from_process_local_data(sharding, x[i * rows:(i + 1) * rows], x.shape)
 
     return {k: place(v) for k, v in batch.items()}
+
+
+def to_host(x) -> np.ndarray:
+    """A global jax.Array as one numpy array on this host (gathered from the other processes)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))

@@ -229,7 +229,7 @@ def _task_order(task: str) -> int:
     return list(data.TASKS).index(task)
 
 
-def _task_title(task: str) -> str:
+def task_title(task: str) -> str:
     return data.TASKS[task].glue_name  # RTE, SST-2, STS-B, ...
 
 
@@ -328,7 +328,7 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:.3g}"
 
 
-def _pretty(metric: str) -> str:
+def metric_title(metric: str) -> str:
     return {"matthews_correlation": "MCC", "pearson_spearmanr_mean": "Pearson/Spearman", "f1": "F1",
             "spearmanr": "Spearman"}.get(metric, metric.capitalize())
 
@@ -337,7 +337,7 @@ def _task_table(rows: Sequence[Row]) -> str:
     others = list(dict.fromkeys(k for r in rows for k in r.metrics))
     speed = any(r.infer_examples_per_s is not None for r in rows)
     header = ["Run", "Method", "Layers", "Params (M)", "Params w/o emb. (M)",
-              f"Dev {_pretty(rows[0].metric)}", *(_pretty(k) for k in others), "% of teacher",
+              f"Dev {metric_title(rows[0].metric)}", *(metric_title(k) for k in others), "% of teacher",
               "Best step", "Train ex/s", *(["Infer ex/s", "Speed-up"] if speed else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 2)) + "|"]
     for r in rows:
@@ -360,7 +360,7 @@ def _by_task(rows: Sequence[Row]) -> dict[str, list[Row]]:
 
 def markdown_table(rows: Sequence[Row]) -> str:
     """One `## TASK` section with a table per task; metrics are dev-set values ×100."""
-    return "\n\n".join(f"## {_task_title(task)}\n\n{_task_table(group)}" for task, group in _by_task(rows).items())
+    return "\n\n".join(f"## {task_title(task)}\n\n{_task_table(group)}" for task, group in _by_task(rows).items())
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,13 +405,13 @@ def plot_curves(runs: Sequence[Run], out: str | os.PathLike) -> Path:
             dev_ax.plot(best["step"], 100 * best["metrics"]["score"], marker="*", ms=16, color=colors[run.name],
                         markeredgecolor="black", ls="none", zorder=3)
     loss_ax.set(title="Training loss (each run's own objective)", xlabel="step", ylabel="loss")
-    dev_ax.set(title=f"Dev {_pretty(metric)} (★ best step of each run)", xlabel="step",
-               ylabel=f"{_pretty(metric)} (%)")
+    dev_ax.set(title=f"Dev {metric_title(metric)} (★ best step of each run)", xlabel="step",
+               ylabel=f"{metric_title(metric)} (%)")
     for ax in (loss_ax, dev_ax):
         ax.grid(alpha=0.3)
     fig.legend(*dev_ax.get_legend_handles_labels(), loc="outside lower center", ncols=min(len(runs), 5),
                fontsize=9, frameon=False)
-    fig.suptitle(f"{_task_title(task)}: training curves", fontsize=13, fontweight="bold")
+    fig.suptitle(f"{task_title(task)}: training curves", fontsize=13, fontweight="bold")
     path = Path(out) / f"curves_{task}.png"
     fig.savefig(path, dpi=120)
     return path
@@ -441,8 +441,8 @@ def plot_summary(rows: Sequence[Row], out: str | os.PathLike) -> Path:
     # Close scores would look equal from 0; zoom in, in steps of 10, leaving room for the labels.
     low, high = min(scores), max(scores)
     ax.set_ylim(max(0.0, 10 * math.floor((low - 10) / 10)) if low >= 0 else low - 10, max(high, 0) + 12)
-    ax.set(ylabel=f"best dev {_pretty(metric)} (%)",
-           title=f"{_task_title(task)}: best dev {_pretty(metric)} per run")
+    ax.set(ylabel=f"best dev {metric_title(metric)} (%)",
+           title=f"{task_title(task)}: best dev {metric_title(metric)} per run")
     ax.grid(axis="y", alpha=0.3)
     path = Path(out) / f"summary_{task}.png"
     fig.savefig(path, dpi=120)
@@ -477,7 +477,7 @@ def write_report(runs: Sequence[Run], rows: Sequence[Row], out: str | os.PathLik
     tasks = sorted({r.task for r in runs}, key=_task_order)
     for task in tasks:
         task_runs = [r for r in runs if r.task == task]
-        section = [f"## {_task_title(task)}"]
+        section = [f"## {task_title(task)}"]
         if task in rows_by_task:
             section.append(_task_table(rows_by_task[task]))
             section.append(f"![summary]({plot_summary(rows_by_task[task], out).name})")

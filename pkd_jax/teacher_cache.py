@@ -57,13 +57,6 @@ log = logging.getLogger(__name__)
 # ============================================================================================
 
 
-def _to_host(x: Any) -> np.ndarray:
-    """A (possibly multi-process, sharded) array as one numpy array on this host."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def fingerprint(teacher_params: Any, tokenized: data.Tokenized, layer_map: Sequence[int],
                 dtype: DTypeLike, architecture: str = "") -> str:
     """A key for the teacher outputs of ``tokenized``: changes with any of its inputs.
@@ -79,7 +72,7 @@ def fingerprint(teacher_params: Any, tokenized: data.Tokenized, layer_map: Seque
     h.update(json.dumps([FORMAT_VERSION, tokenized.fingerprint, [int(i) for i in layer_map],
                          jnp.dtype(dtype).name, architecture]).encode())
     for leaf in jax.tree.leaves(teacher_params):  # dict keys are sorted: a stable order
-        arr = np.ascontiguousarray(_to_host(leaf))
+        arr = np.ascontiguousarray(partitioning.to_host(leaf))
         h.update(json.dumps([arr.shape, arr.dtype.name]).encode())
         h.update(arr.reshape(-1).view(np.uint8))  # raw bytes, no copy
     return h.hexdigest()
@@ -196,7 +189,7 @@ def _compute(graphdef, params, tokenized: data.Tokenized, layer_map: tuple[int, 
     filled = np.zeros(n, bool)
 
     def store(host: Mapping[str, np.ndarray], outputs: tuple[jax.Array, jax.Array]) -> None:
-        logits, cls = (_to_host(x) for x in outputs)  # blocks on this batch only
+        logits, cls = (partitioning.to_host(x) for x in outputs)  # blocks on this batch only
         real = host["weight"] > 0  # the last batch's filler rows point at row 0
         rows = host["index"][real]
         filled[rows] = True

@@ -269,15 +269,6 @@ def compute_dtype(name: str):
     return _DTYPES[name]
 
 
-def _host(x) -> np.ndarray:
-    """A global array on every host (gathered across processes when there are several)."""
-    if jax.process_count() == 1:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
@@ -311,7 +302,7 @@ def predict(eval_fn, params, tok: data.Tokenized, mesh, batch_size: int, bucket:
             outputs.append((index, weight, eval_fn(params, batch)))  # dispatched; fetched below
     logits = None
     for index, weight, out in outputs:
-        out = _host(out)
+        out = partitioning.to_host(out)
         if logits is None:
             logits = np.zeros((len(tok), out.shape[-1]), np.float32)
         real = weight > 0
@@ -329,6 +320,45 @@ def evaluate(eval_fn, params, tok: data.Tokenized, task: str, mesh, batch_size: 
 # --------------------------------------------------------------------------------------------
 # Logging: metrics.jsonl, TensorBoard, progress bar (process 0 only)
 # --------------------------------------------------------------------------------------------
+
+
+def due(step: int, config, steps_per_epoch: int, total: int) -> str | None:
+    """What the loop does after `step`: "eval" (each epoch's end, every eval_every_steps, the
+    last step; evaluations also checkpoint), "save" (every checkpoint_every_steps), "log" or None."""
+    if step % steps_per_epoch == 0 or step == total or (
+            config.eval_every_steps and step % config.eval_every_steps == 0):
+        return "eval"
+    if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+        return "save"
+    return "log" if step % config.log_every_steps == 0 else None
+
+
+class MetricsWindow:
+    """Device metrics of the steps since the last fetch, and the wall time those steps took.
+
+    A step only appends its metrics (no host sync); `fetch` brings them to the host at log,
+    evaluation and checkpoint times; `restart` keeps evaluation and saving out of training time.
+    """
+
+    def __init__(self, step: int):
+        self.pending: list[tuple[int, Metrics]] = []
+        self.restart(step)
+
+    def add(self, step: int, metrics: Metrics) -> None:
+        self.pending.append((step, metrics))
+
+    def restart(self, step: int) -> None:
+        self.t0, self.start = time.perf_counter(), step
+
+    def fetch(self, step: int):
+        """([(step, host metrics)], seconds, steps) since the last fetch; None when nothing is new."""
+        if not self.pending:
+            return None
+        host = [(s, jax.device_get(m)) for s, m in self.pending]
+        elapsed, steps = time.perf_counter() - self.t0, step - self.start
+        self.pending = []
+        self.restart(step)
+        return host, elapsed, steps
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -599,19 +629,14 @@ def train_and_evaluate(config, workdir) -> dict:
 
     # ---- Loop ------------------------------------------------------------------------------
     run_log = RunLog(workdir, start, total, lead, config.progress)
-    stop = _SigtermFlag()
-    pending: list[tuple[int, Metrics]] = []  # device metrics since the last fetch: no sync per step
-    t_window, window_start = time.perf_counter(), start
-
-    def restart_window(step: int) -> None:
-        nonlocal t_window, window_start
-        t_window, window_start = time.perf_counter(), step
+    stop = SigtermFlag()
+    window = MetricsWindow(start)
 
     def fetch_train_metrics(step: int) -> None:
-        nonlocal pending
-        if not pending:
+        fetched = window.fetch(step)
+        if fetched is None:
             return
-        host = [(s, jax.device_get(m)) for s, m in pending]
+        host, elapsed, steps = fetched
         for s, m in host:
             if not np.isfinite(m["loss"]):
                 raise FloatingPointError(
@@ -619,15 +644,12 @@ def train_and_evaluate(config, workdir) -> dict:
                     f"{_batch_rows(train_tok, config, s - 1)}); stopped without saving. The last good "
                     f"checkpoint (step {max(ckpt.all_steps(), default=0)}) is kept: lower "
                     "config.learning_rate or inspect those examples, then run the same command again.")
-        elapsed = time.perf_counter() - t_window
         meta["train_seconds"] += elapsed
         values = {k: float(np.mean([m[k] for _, m in host])) for k in host[-1][1]}
-        values["examples_per_s"] = (step - window_start) * config.batch_size / max(elapsed, 1e-9)
+        values["examples_per_s"] = steps * config.batch_size / max(elapsed, 1e-9)
         values["learning_rate"] = float(config.learning_rate * optim.lr_schedule(1.0, total, setup.warmup_steps)(step - 1))
         values["epoch"] = step / steps_per_epoch
         run_log.write(step, "train", values)
-        pending = []
-        restart_window(step)
 
     def save(step: int, score: float | None = None) -> None:
         fetch_train_metrics(step)  # refuses to save a state that went NaN
@@ -640,11 +662,11 @@ def train_and_evaluate(config, workdir) -> dict:
         meta["last"] = {"step": step, "metrics": result}
         if meta["best"] is None or result["score"] > meta["best"]["metrics"]["score"]:
             meta["best"] = meta["last"]
-            params = jax.tree.map(_host, state.params)
+            params = jax.tree.map(partitioning.to_host, state.params)
             if lead:
                 checkpoints.save_pretrained(nnx.merge(graphdef, params), workdir / "model", setup.tokenizer)
         save(step, result["score"])
-        restart_window(step)  # evaluation time is not training time
+        window.restart(step)  # evaluation time is not training time
         return result
 
     try:
@@ -655,15 +677,15 @@ def train_and_evaluate(config, workdir) -> dict:
                     ckpt.wait()
                     raise Preempted(f"SIGTERM: saved a checkpoint at step {step - 1}; run the same command to resume")
                 state, m = run_step(state, next(batches))
-                pending.append((step, m))
+                window.add(step, m)
                 run_log.advance()
-                if step % steps_per_epoch == 0 or step == total or (
-                        config.eval_every_steps and step % config.eval_every_steps == 0):
+                action = due(step, config, steps_per_epoch, total)
+                if action == "eval":
                     run_eval(step)
-                elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+                elif action == "save":
                     save(step)
-                    restart_window(step)
-                elif step % config.log_every_steps == 0:
+                    window.restart(step)
+                elif action == "log":
                     fetch_train_metrics(step)
         if meta["last"] is None or meta["last"]["step"] != total:  # e.g. preempted during the last eval
             run_eval(total)
@@ -721,7 +743,7 @@ def _predict_test(setup: Setup, workdir: Path, lead: bool) -> list[str]:
     return written
 
 
-class _SigtermFlag:
+class SigtermFlag:
     """Turns SIGTERM (a preempted VM) into a flag the loop checks between steps."""
 
     def __init__(self):

@@ -192,3 +192,23 @@ def test_python_m_entry_point(tmp_path):
     assert line["name"] == "inference_bert_1" and _positive(line["examples_per_s"])
     assert (line["peak_tflops"], line["peak_source"]) == (2.0, "flag")
     assert line["device"]["count"] == 1 and jax.device_count() == 8
+
+
+def test_sweep_suite_compares_vmapped_with_sequential_students():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        results = bench.main(["sweep", *TINY, "--students=2", "--json"])
+    assert [json.loads(line) for line in out.getvalue().splitlines()] == json.loads(json.dumps(results))
+    lines = {line["name"]: line for line in results}
+    assert set(lines) == {"sequential", "vmapped"}
+    sequential, vmapped = lines["sequential"], lines["vmapped"]
+    for line in (sequential, vmapped):
+        assert line["suite"] == "sweep" and line["students"] == 2 and line["batch_size"] == 8
+        assert (line["teacher_layers"], line["student_layers"]) == (4, 2)
+        assert line["students_examples_per_s"] == pytest.approx(2 * 8 / line["step_s_median"])
+        # Both time two students' steps on the same batch: the same FLOPs per example.
+        assert line["flops_per_example"] == 2 * bench.train_flops(bench.RANDOM_SIZES["bert-tiny"], 2, None, 32)
+        assert _positive(line["compile_s"]) and _positive(line["mfu"])
+    assert vmapped["speedup"] == pytest.approx(sequential["step_s_median"] / vmapped["step_s_median"])
+    assert "targets" not in vmapped  # the 2x target is for accelerators
+    assert isinstance(vmapped["auto_students_per_chunk"], int) and 1 <= vmapped["auto_students_per_chunk"] <= 36
