@@ -22,7 +22,8 @@ there for its method, with every seed (a task that searches reuses its own first
 
 Every run is a run.py workdir under OUT/<task>/...; a finished one is skipped and an interrupted
 one resumes, so rerunning the same command continues where it stopped. Writes OUT/results.md
-(the tables, commands and wall time) and OUT/results.json.
+(the tables, commands and wall time) and OUT/results.json; --report-only writes them from the
+runs finished so far (a missing cell shows "–") and trains nothing.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--students-per-chunk", default=0, type=int,
                    help="students vmapped together (0: as many as fit); 1 on CPU, where vmap does not pay (docs/benchmarks.md)")
     p.add_argument("--speed-repeats", default=5, type=int)
+    p.add_argument("--report-only", action="store_true", help="tables from the finished runs only; train nothing")
     return p.parse_args(argv)
 
 
@@ -126,17 +128,25 @@ def _finished(workdir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+class Unfinished(Exception):
+    """--report-only met a run that has not finished."""
+
+
 def run_teacher(task, args, out: Path) -> Path:
     workdir = out / task / "teacher"
     if _finished(workdir) is None:
+        if args.report_only:
+            raise Unfinished(workdir)
         print(f"[reproduce] {task}: fine-tuning the teacher in {workdir}", flush=True)
         train.train_and_evaluate(teacher_config(task, args), workdir)
     return workdir
 
 
-def run_sweep(config, workdir: Path) -> dict:
+def run_sweep(config, workdir: Path, report_only: bool) -> dict:
     done = _finished(workdir)
     if done is None:
+        if report_only:
+            raise Unfinished(workdir)
         print(f"[reproduce] {config.task}: {workdir} ({len(sweep.grid(config))} students)", flush=True)
         done = sweep.run_sweep(config, workdir)
     return done
@@ -166,7 +176,7 @@ def run_method(task, k, method, teacher_dir: Path, args, out: Path, tuned: dict 
     if tuned is None:
         grid = method_grid(method, args)
         first, rest = args.seeds[:1], args.seeds[1:]
-        results = run_sweep(student_config(task, k, method, teacher_dir, args, grid, first), base / "grid")
+        results = run_sweep(student_config(task, k, method, teacher_dir, args, grid, first), base / "grid", args.report_only)
         best = {key: results["best"][key] for key in ("temperature", "alpha", "beta")}
         rows = [r for r in _rows(base / "grid") if all(r[key] == value for key, value in best.items())]
         grid_size, model = results["students"], base / "grid" / "best_model"
@@ -176,7 +186,7 @@ def run_method(task, k, method, teacher_dir: Path, args, out: Path, tuned: dict 
         source = tuned["source"]
     point = {"temperatures": (best["temperature"],), "alphas": (best["alpha"],), "betas": (best["beta"],)}
     if rest:
-        run_sweep(student_config(task, k, method, teacher_dir, args, point, rest), base / "seeds")
+        run_sweep(student_config(task, k, method, teacher_dir, args, point, rest), base / "seeds", args.report_only)
         rows += _rows(base / "seeds")
     return {"workdir": str(base), "model": str(model), "point": best, "grid_size": grid_size, "source": source,
             "seeds": [int(r["seed"]) for r in rows],
@@ -231,6 +241,11 @@ def speed_table(model_dirs: dict[str, str], repeats: int) -> list[dict]:
     return rows
 
 
+def _student(summary: dict, task: str, k: int, method: str) -> dict | None:
+    """One method's result, or None where --report-only found it unfinished."""
+    return summary["students"].get(task, {}).get(str(k), {}).get(method)
+
+
 def markdown(summary: dict, args, command: str) -> str:
     tasks = summary["tasks"]
     lines = ["# PKD in miniature: results", "",
@@ -242,23 +257,30 @@ def markdown(summary: dict, args, command: str) -> str:
              "| Model | " + " | ".join(_headline(t) for t in tasks) + " | Avg % of teacher |",
              "|---|" + "---:|" * (len(tasks) + 1)]
     teacher = summary["teacher"]
-    lines.append(f"| Teacher BERT{teacher['layers']} | "
-                 + " | ".join(_task_cell(t, {n: [v] for n, v in teacher["metrics"][t].items()}) for t in tasks) + " | 100 |")
+    lines.append(f"| Teacher BERT{teacher.get('layers', '')} | "
+                 + " | ".join(_task_cell(t, {n: [v] for n, v in teacher["metrics"][t].items()})
+                              if t in teacher["metrics"] else "–" for t in tasks) + " | 100 |")
     for k in args.layers:
         for method in args.methods:
             cells, ratios = [], []
             for t in tasks:
-                res = summary["students"][t][str(k)][method]
-                cells.append(_task_cell(t, res["metrics"]))
-                ratios.append(statistics.fmean(res["score"]) / teacher["score"][t])
-            lines.append(f"| {method}-{k} | " + " | ".join(cells) + f" | {100 * statistics.fmean(ratios):.1f} |")
+                res = _student(summary, t, k, method)
+                cells.append("–" if res is None else _task_cell(t, res["metrics"]))
+                if res is not None:
+                    ratios.append(statistics.fmean(res["score"]) / teacher["score"][t])
+            average = "–" if not ratios else f"{100 * statistics.fmean(ratios):.1f}" + (
+                f" ({len(ratios)} of {len(tasks)} tasks)" if len(ratios) < len(tasks) else "")
+            lines.append(f"| {method}-{k} | " + " | ".join(cells) + f" | {average} |")
     lines += ["", "Chosen grid points (T, α, β; of how many grid points, or reused from another depth):", "",
               "| Student | " + " | ".join(report.task_title(t) for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
     for k in args.layers:
         for method in args.methods:
             cells = []
             for t in tasks:
-                res = summary["students"][t][str(k)][method]
+                res = _student(summary, t, k, method)
+                if res is None:
+                    cells.append("–")
+                    continue
                 p = res["point"]
                 src = res["source"]
                 source = (f"of {res['grid_size']}" if res["grid_size"] else f"k={src['layers']}'s" if src["task"] == t
@@ -287,7 +309,10 @@ def main(argv=None) -> int:
     summary = {"tasks": list(args.tasks), "teacher": {"metrics": {}, "score": {}}, "students": {},
                "device": f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"}
     for task in sorted(args.tasks, key=lambda t: t not in tune_tasks):  # tuned tasks first
-        teacher_dir = run_teacher(task, args, out)
+        try:
+            teacher_dir = run_teacher(task, args, out)
+        except Unfinished:
+            continue
         res = _finished(teacher_dir)
         summary["teacher"]["metrics"][task] = res["metrics"]
         summary["teacher"]["score"][task] = res["metrics"]["score"]
@@ -295,15 +320,23 @@ def main(argv=None) -> int:
         students = summary["students"][task] = {}
         for k in sorted(args.layers, key=lambda k: k not in tune_layers):  # tuned depths first
             if task not in tune_tasks:
-                tuned = summary["students"][tune_tasks[0]][str(tune_layers[0])]
+                tuned = summary["students"].get(tune_tasks[0], {}).get(str(tune_layers[0]), {})
             else:
-                tuned = students[str(tune_layers[0])] if k not in tune_layers else {}
-            students[str(k)] = {m: run_method(task, k, m, teacher_dir, args, out, tuned.get(m)) for m in args.methods}
+                tuned = students[str(tune_layers[0])] if k not in tune_layers else None
+            students[str(k)] = {}
+            for m in args.methods:
+                if tuned is not None and tuned.get(m) is None:
+                    continue  # --report-only: the point to reuse is not known yet
+                try:
+                    students[str(k)][m] = run_method(task, k, m, teacher_dir, args, out, None if tuned is None else tuned[m])
+                except Unfinished:
+                    pass
     first = args.tasks[0]
-    models = {f"Teacher ({first})": str(out / first / "teacher" / "model")}
-    models.update({f"Student k={k} ({first})": summary["students"][first][str(k)][args.methods[0]]["model"]
-                   for k in args.layers})
-    summary["speed"] = speed_table(models, args.speed_repeats)
+    models = {f"Teacher ({first})": out / first / "teacher" / "model"}
+    models.update({f"Student k={k} ({first})": Path(res["model"]) for k in args.layers
+                   if (res := _student(summary, first, k, args.methods[0])) is not None})
+    summary["speed"] = speed_table({label: str(path) for label, path in models.items() if path.exists()},
+                                   args.speed_repeats)
     summary["wall_minutes"] = (time.time() - start) / 60
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     text = markdown(summary, args, command)

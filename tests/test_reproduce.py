@@ -59,3 +59,10 @@ def test_reproduce_small(tmp_path):
     assert "[reproduce]" not in again.stdout
     assert json.loads((out / "results.json").read_text())["students"] == summary["students"]
 
+    # --report-only trains nothing: a task not run yet shows "–" and the average says so.
+    partial = [a.replace("--tasks=rte", "--tasks=rte,mrpc") for a in cmd] + ["--report-only"]
+    proc = subprocess.run(partial, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[reproduce]" not in proc.stdout and not (out / "mrpc").exists()
+    assert f"| PKD-Skip-3 | {cell} | – | {ratio} (1 of 2 tasks) |" in (out / "results.md").read_text()
+
