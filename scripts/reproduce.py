@@ -42,7 +42,9 @@ import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ lives at the repo root, beside run.py
 from configs import finetune, sweep as sweep_config
-from pkd_jax import bert, checkpoints, metrics, report, sweep, train
+import numpy as np
+
+from pkd_jax import bert, checkpoints, data, metrics, report, sweep, train
 
 METHODS = ("FT", "KD", "PKD-Last", "PKD-Skip")
 
@@ -241,6 +243,21 @@ def speed_table(model_dirs: dict[str, str], repeats: int) -> list[dict]:
     return rows
 
 
+def cls_spread(model_dir: Path, task: str, args, examples: int = 256) -> list[float]:
+    """Per teacher layer: the mean squared distance of the L2-normalised [CLS] vectors of the first
+    `examples` dev examples to their mean. Near 0, that layer's [CLS] is the same for every input,
+    and a patient loss towards it teaches the student nothing about the input."""
+    model = checkpoints.load_pretrained(model_dir)
+    split = "validation_matched" if task == "mnli" else "validation"
+    ds = data.load_split(task, split, glue_dir=args.glue_dir)
+    tok = data.tokenize(ds.select(range(min(examples, len(ds)))), checkpoints.load_tokenizer(model_dir),
+                        args.max_seq_length)
+    batch = next(data.eval_batches(tok, len(tok), bucket=False))
+    cls = np.asarray(model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], deterministic=True).cls)
+    unit = cls / np.linalg.norm(cls, axis=-1, keepdims=True)  # [L, B, H]
+    return [float(x) for x in ((unit - unit.mean(1, keepdims=True)) ** 2).sum(-1).mean(1)]
+
+
 def _student(summary: dict, task: str, k: int, method: str) -> dict | None:
     """One method's result, or None where --report-only found it unfinished."""
     return summary["students"].get(task, {}).get(str(k), {}).get(method)
@@ -293,6 +310,16 @@ def markdown(summary: dict, args, command: str) -> str:
     for r in summary["speed"]:
         lines.append(f"| {r['model']} | {r['layers']} | {r['params'] / 1e6:.1f}M | {r['examples_per_s']:.1f} | "
                      f"{r['speedup']:.2f}× |")
+    spread = summary["teacher"]["cls_spread"]
+    if spread:
+        layers = len(next(iter(spread.values())))
+        lines += ["", "How much the teacher's L2-normalised [CLS] vector varies with the input, per layer (mean "
+                  "squared distance to the mean over 256 dev examples; 0: the same vector for every input, so a "
+                  "patient loss towards that layer carries no information):", "",
+                  "| Teacher | " + " | ".join(f"layer {l + 1}" for l in range(layers)) + " |",
+                  "|---|" + "---:|" * layers]
+        lines += [f"| {report.task_title(t)} | " + " | ".join(f"{x:.4f}" for x in values) + " |"
+                  for t in tasks if (values := spread.get(t))]
     return "\n".join(lines) + "\n"
 
 
@@ -306,7 +333,7 @@ def main(argv=None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)
     out = Path(args.out)
     start = time.time()
-    summary = {"tasks": list(args.tasks), "teacher": {"metrics": {}, "score": {}}, "students": {},
+    summary = {"tasks": list(args.tasks), "teacher": {"metrics": {}, "score": {}, "cls_spread": {}}, "students": {},
                "device": f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"}
     for task in sorted(args.tasks, key=lambda t: t not in tune_tasks):  # tuned tasks first
         try:
@@ -317,6 +344,7 @@ def main(argv=None) -> int:
         summary["teacher"]["metrics"][task] = res["metrics"]
         summary["teacher"]["score"][task] = res["metrics"]["score"]
         summary["teacher"]["layers"] = res["model"]["layers"]
+        summary["teacher"]["cls_spread"][task] = cls_spread(teacher_dir / "model", task, args)
         students = summary["students"][task] = {}
         for k in sorted(args.layers, key=lambda k: k not in tune_layers):  # tuned depths first
             if task not in tune_tasks:

@@ -52,6 +52,12 @@ def test_reproduce_small(tmp_path):
     assert f"| PKD-Skip-3 | {cell} | {ratio} |" in text
     assert "(k=3's)" in text and "(of 2)" in text
     assert [r["layers"] for r in summary["speed"]] == [6, 3, 2]
+    # E|u - mean(u)|^2 = 1 - |mean(u)|^2 for unit vectors u: within [0, 1]. MiniLM's lower-layer
+    # [CLS] hardly depends on the input; its top layer's does (docs/results.md).
+    spread = summary["teacher"]["cls_spread"]["rte"]
+    assert len(spread) == 6 and all(0 <= x <= 1 for x in spread)
+    assert spread[0] < 1e-3 < spread[-1]
+    assert "| RTE | " + " | ".join(f"{x:.4f}" for x in spread) + " |" in text
 
     # Everything is finished: a rerun trains nothing and writes the same table.
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
