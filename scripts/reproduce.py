@@ -2,7 +2,7 @@ r"""Reproduce the paper's comparison in miniature: teachers, then FT / KD / PKD-
 
   python scripts/reproduce.py --glue-dir=../shared/glue --out=runs/reproduce       # full tasks (accelerator)
   python scripts/reproduce.py --glue-dir=../shared/glue --out=runs/reproduce-cpu \
-      --train-examples=1000 --max-seq-length=64                                     # the CPU miniature
+      --train-examples=1000 --max-seq-length=64 ...     # the CPU miniature: docs/results.md has the command
 
 For each task: the teacher (`--model`, all its layers, fine-tuned with cross-entropy), then for
 each student depth k and method a sweep (`configs/sweep.py`, students trained side by side):
@@ -29,6 +29,7 @@ runs finished so far (a missing cell shows "–") and trains nothing.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import logging
@@ -39,11 +40,10 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ lives at the repo root, beside run.py
 from configs import finetune, sweep as sweep_config
-import numpy as np
-
 from pkd_jax import bert, checkpoints, data, metrics, report, sweep, train
 
 METHODS = ("FT", "KD", "PKD-Last", "PKD-Skip")
@@ -84,9 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def common_overrides(args) -> dict:
     """Fields every run of the reproduction shares."""
-    o = {"max_seq_length": args.max_seq_length, "batch_size": args.batch_size, "train_examples": args.train_examples,
-         "predict_test": False, "progress": False}
-    return {k: v for k, v in o.items() if v is not None or k == "train_examples"}
+    return {"max_seq_length": args.max_seq_length, "batch_size": args.batch_size, "train_examples": args.train_examples,
+            "predict_test": False, "progress": False}
 
 
 def _apply(config, overrides: dict):
@@ -156,8 +155,6 @@ def run_sweep(config, workdir: Path, report_only: bool) -> dict:
 
 def _rows(workdir: Path) -> list[dict]:
     """sweep.csv rows of one sweep as dicts of floats (status and empty cells kept as text)."""
-    import csv
-
     with open(workdir / "sweep.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     for r in rows:
@@ -368,6 +365,7 @@ def main(argv=None) -> int:
     summary["wall_minutes"] = (time.time() - start) / 60
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     text = markdown(summary, args, command)
+    out.mkdir(parents=True, exist_ok=True)
     train.write_atomic(out / "results.md", text)
     train.write_atomic(out / "results.json", json.dumps(summary, indent=1) + "\n")
     print(text, flush=True)
