@@ -558,14 +558,8 @@ class Sweep:
                     state, m = self._step(state, self.t_params, next(stream))
                     window.add(step, m)
                     run_log.advance()
-                    action = train.due(step, c, steps_per_epoch, total)
-                    if action == "eval":
-                        run_eval(step)
-                    elif action == "save":
-                        save(step)
-                        window.restart(step)
-                    elif action == "log":
-                        fetch_train_metrics(step)
+                    train.after_step(step, c, steps_per_epoch, total, evaluate=run_eval, save=save,
+                                     fetch=fetch_train_metrics, window=window)
             trained = int(jax.device_get(state.step)[0])
             if active() and meta["last_eval"] != trained:  # e.g. preempted during the last eval
                 run_eval(trained)

@@ -322,15 +322,19 @@ def evaluate(eval_fn, params, tok: data.Tokenized, task: str, mesh, batch_size: 
 # --------------------------------------------------------------------------------------------
 
 
-def due(step: int, config, steps_per_epoch: int, total: int) -> str | None:
-    """What the loop does after `step`: "eval" (each epoch's end, every eval_every_steps, the
-    last step; evaluations also checkpoint), "save" (every checkpoint_every_steps), "log" or None."""
+def after_step(step: int, config, steps_per_epoch: int, total: int, *, evaluate: Callable[[int], object],
+               save: Callable[[int], None], fetch: Callable[[int], None], window: "MetricsWindow") -> None:
+    """What a training loop (a run's or a sweep chunk's) does after `step`: evaluate at each epoch's
+    end, every eval_every_steps and at the last step (evaluations also checkpoint); otherwise save
+    every checkpoint_every_steps; otherwise fetch the train metrics every log_every_steps."""
     if step % steps_per_epoch == 0 or step == total or (
             config.eval_every_steps and step % config.eval_every_steps == 0):
-        return "eval"
-    if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
-        return "save"
-    return "log" if step % config.log_every_steps == 0 else None
+        evaluate(step)
+    elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+        save(step)
+        window.restart(step)  # saving time is not training time
+    elif step % config.log_every_steps == 0:
+        fetch(step)
 
 
 class MetricsWindow:
@@ -679,14 +683,8 @@ def train_and_evaluate(config, workdir) -> dict:
                 state, m = run_step(state, next(batches))
                 window.add(step, m)
                 run_log.advance()
-                action = due(step, config, steps_per_epoch, total)
-                if action == "eval":
-                    run_eval(step)
-                elif action == "save":
-                    save(step)
-                    window.restart(step)
-                elif action == "log":
-                    fetch_train_metrics(step)
+                after_step(step, config, steps_per_epoch, total, evaluate=run_eval, save=save,
+                           fetch=fetch_train_metrics, window=window)
         if meta["last"] is None or meta["last"]["step"] != total:  # e.g. preempted during the last eval
             run_eval(total)
         ckpt.wait()
