@@ -35,6 +35,12 @@ F. ``tflops_per_s`` = FLOPs per step / median step time, ``mfu`` = that / the de
 dense bfloat16 peaks from a table keyed by the device kind on GPU/TPU (also for float32 runs,
 ``peak_dtype`` says so), or on CPU the measured matmul peak of the machine in the run's dtype.
 
+``--profile DIR``: after timing, each JAX step runs ``--repeats`` more times under
+``jax.profiler.trace`` into ``DIR/<suite>-<name>`` (the timings exclude the profiler): open it with
+TensorBoard's or XProf's profile tool, or its ``perfetto_trace.json.gz`` in ui.perfetto.dev. A
+trace lists every XLA op of the step with its time; ``XLA_FLAGS=--xla_dump_to=DIR`` adds the
+optimised HLO that names them. The line of a profiled step has ``trace_dir``.
+
 Every JSON line carries ``suite``, ``name``, the shapes, ``device``, ``versions`` and ``date``;
 step lines also ``step_s_median``, ``examples_per_s``, ``tflops_per_s``, ``mfu`` and, where the
 project sets one, ``targets`` (value, target, ok); targets are reported, never asserted.
@@ -232,6 +238,18 @@ class Bench:
             "mfu": tflops / self.peak.tflops if self.peak.tflops else None,
         }
 
+    def profile(self, suite: str, name: str, run_once: Callable[[], Any],
+                sync: Callable[[Any], Any] = jax.block_until_ready) -> dict[str, str]:
+        """With --profile: trace --repeats more calls; the field to add to the step's line."""
+        if self.args.profile is None:
+            return {}
+        trace_dir = self.args.profile / f"{suite}-{name}"
+        with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+            for _ in range(self.args.repeats):
+                sync(run_once())
+        _log(f"profile of {suite} {name}: {trace_dir}")
+        return {"trace_dir": str(trace_dir)}
+
     def emit(self, line: dict[str, Any]) -> dict[str, Any]:
         line.update(device=device_info(), versions=versions(),
                     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
@@ -342,7 +360,9 @@ def run_efficiency(b: Bench) -> list[dict[str, Any]]:
                            forward_flops(spec.config, layers, args.seq_len), framework="jax",
                            model=spec.name, layers=layers, compile_s=compile_s,
                            params_total=param_count(model),
-                           params_no_embeddings=param_count(model, embeddings=False))
+                           params_no_embeddings=param_count(model, embeddings=False),
+                           **b.profile("efficiency", f"inference_bert_{layers}",
+                                       lambda: infer(params, inputs)))
         lines.append(line)
     deepest = lines[0]
     for line in lines:
@@ -403,10 +423,11 @@ def run_jax_steps(b: Bench, spec: ModelSpec, kinds: Iterable[str]) -> list[dict[
             return chain[0], metrics
 
         times = _measure(once, warmup=args.warmup, repeats=args.repeats)
+        trace = b.profile("train", kind, once)
         state = chain[0]
         flops = train_flops(spec.config, k, n if kind == "pkd_online" else None, args.seq_len)
         lines.append(b.step_line("train", kind, times, batch_size, flops, compile_s=compile_s,
-                                 **common))
+                                 **common, **trace))
     _add_train_targets(b, lines)
     return [b.emit(line) for line in lines]
 
@@ -699,7 +720,8 @@ def run_sweep(b: Bench) -> list[dict[str, Any]]:
         return metrics
 
     vmapped = b.step_line("sweep", "vmapped", _measure(chunk, warmup=args.warmup, repeats=args.repeats),
-                          batch_size, flops, compile_s=compile_s, **common)
+                          batch_size, flops, compile_s=compile_s, **common,
+                          **b.profile("sweep", "vmapped", chunk))
     chain.clear()  # free the chunk's memory before the sequential students take theirs
     del stacked
 
@@ -716,7 +738,8 @@ def run_sweep(b: Bench) -> list[dict[str, Any]]:
 
     sequential = b.step_line("sweep", "sequential", _measure(one_after_another, warmup=args.warmup,
                                                              repeats=args.repeats),
-                             batch_size, flops, compile_s=compile_s, **common)
+                             batch_size, flops, compile_s=compile_s, **common,
+                             **b.profile("sweep", "sequential", one_after_another))
     states.clear()
 
     for line in (sequential, vmapped):
@@ -837,6 +860,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=Path(__file__).resolve().parents[1].parent / "shared" / "glue")
     p.add_argument("--max-examples", type=int, default=None,
                    help="input suite: tokenise only the first N examples")
+    p.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="also trace each JAX step (jax.profiler) into DIR/<suite>-<name>")
     p.add_argument("--json", action="store_true", help="one JSON object per line, no tables")
     args = p.parse_args(argv)
     for name in ("batch_size", "seq_len", "repeats", "student_layers", "teacher_layers", "students"):

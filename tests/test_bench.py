@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark: tiny shapes, the JSON contract, consistent figures (no timings)."""
 
 import contextlib
+import gzip
 import io
 import json
 import math
@@ -212,3 +213,21 @@ def test_sweep_suite_compares_vmapped_with_sequential_students():
     assert vmapped["speedup"] == pytest.approx(sequential["step_s_median"] / vmapped["step_s_median"])
     assert "targets" not in vmapped  # the 2x target is for accelerators
     assert isinstance(vmapped["auto_students_per_chunk"], int) and 1 <= vmapped["auto_students_per_chunk"] <= 36
+
+
+def test_profile_traces_each_timed_step(tmp_path):
+    """--profile DIR: a jax.profiler trace per step, holding the XLA ops of that step."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        results = bench.main(["train", *TINY, "--teacher=cached", "--profile", str(tmp_path), "--json"])
+    jax_lines = [line for line in results if line["framework"] == "jax"]
+    assert [line["name"] for line in jax_lines] == ["finetune", "pkd_cached"]
+    for line in jax_lines:
+        trace_dir = tmp_path / f"train-{line['name']}"
+        assert line["trace_dir"] == str(trace_dir)
+        assert list(trace_dir.glob("plugins/profile/*/*.xplane.pb"))
+        (perfetto,) = trace_dir.glob("plugins/profile/*/perfetto_trace.json.gz")
+        events = json.loads(gzip.decompress(perfetto.read_bytes()))
+        events = events["traceEvents"] if isinstance(events, dict) else events
+        names = {e.get("name", "") for e in events}
+        assert any("fusion" in n or n.startswith("dot") for n in names)  # the step's XLA ops
+    assert all("trace_dir" not in line for line in results if line["framework"] != "jax")
