@@ -39,7 +39,7 @@ def get_config(arg=None):
     c.betas = (10.0, 100.0, 500.0, 1000.0)
     c.learning_rates = (c.learning_rate,)
     c.seeds = (0,)  # students of one chunk share a seed: they see the same batches
-    c.students_per_chunk = 0  # 0: as many as fit in device memory (pkd_jax.sweep.auto_chunk_size)
+    c.students_per_chunk = 0  # 0: as many as fit in device memory; 1 on CPU (sweep.auto_chunk_size)
     c.shard_students = False  # split the students over the devices (each sees the whole batch)
     c.memory_gb = 0.0  # device memory for the auto chunk size; 0: measured (CPU: half the RAM)
     for key in _REPLACED:

@@ -751,7 +751,7 @@ def run_sweep(b: Bench) -> list[dict[str, Any]]:
     per_student = sweep.student_bytes(model.config, param_count(model), batch_size // b.mesh.devices.size,
                                       args.seq_len, jnp.dtype(b.dtype).itemsize)
     vmapped["auto_students_per_chunk"] = sweep.auto_chunk_size(per_student, sweep.device_memory_bytes(),
-                                                               max_students=36)
+                                                               max_students=36, cpu=not b.accelerator)
     return [b.emit(line) for line in (sequential, vmapped)]
 
 

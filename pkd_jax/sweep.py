@@ -20,7 +20,9 @@ teacher. Here the grid (seeds x learning_rates x temperatures x alphas x betas) 
   student axis is split over the devices instead: each holds G/n students and sees the whole
   batch; G is then a multiple of the device count (a short chunk is padded with copies of its
   last student, trained and discarded).
-* **Chunk size.** `students_per_chunk=0` picks G from device memory (`auto_chunk_size`).
+* **Chunk size.** `students_per_chunk=0` picks G from device memory on an accelerator
+  (`auto_chunk_size`), and 1 on a CPU, where a vmapped chunk measured slower than the same
+  students one after another (docs/benchmarks.md); any G may still be set.
 * **Equivalence.** A student ends with the parameters and dev metrics of the single run
   `train.train_and_evaluate(point_config(config, point))` (same seed: same classifier init,
   dropout keys and batches), up to float rounding: vmap batches the matmuls differently.
@@ -169,12 +171,12 @@ def student_bytes(config: bert.BertConfig, num_params: int, rows: int, seq_len: 
 
 
 def auto_chunk_size(per_student: int, free: int, *, max_students: int, reserved: int = 0,
-                    devices: int = 1, shard_students: bool = False) -> int:
+                    devices: int = 1, shard_students: bool = False, cpu: bool = False) -> int:
     """Students per chunk: as many as fit in `_MEMORY_HEADROOM` of `free` bytes per device after
     `reserved` (e.g. an online teacher), at least 1 and at most `max_students` (the largest
     group of one seed). With `shard_students` each device holds its own students: a multiple
-    of `devices`."""
-    fit = max(1, (int(_MEMORY_HEADROOM * free) - reserved) // max(per_student, 1))
+    of `devices`. On a `cpu` one student per device: one already keeps the cores busy."""
+    fit = 1 if cpu else max(1, (int(_MEMORY_HEADROOM * free) - reserved) // max(per_student, 1))
     if shard_students:
         return min(fit, math.ceil(max_students / devices)) * devices
     return min(fit, max_students)
@@ -424,9 +426,13 @@ class Sweep:
         largest = max(sum(p.seed == s for p in self.points) for s in c.seeds)
         free = device_memory_bytes(c.memory_gb)
         size = auto_chunk_size(per_student, free, max_students=largest, reserved=reserved, devices=devices,
-                               shard_students=c.shard_students)
-        log.info("auto chunk size %d: ~%.2f GiB per student, %.2f GiB free per device", size,
-                 per_student / 2**30, free / 2**30)
+                               shard_students=c.shard_students, cpu=jax.default_backend() == "cpu")
+        if jax.default_backend() == "cpu":
+            log.info("auto chunk size %d: on a CPU students train one after another (a vmapped chunk is "
+                     "slower there); set students_per_chunk to vmap them anyway", size)
+        else:
+            log.info("auto chunk size %d: ~%.2f GiB per student, %.2f GiB free per device", size,
+                     per_student / 2**30, free / 2**30)
         return size
 
     def _chunk_dir(self, index: int) -> Path:

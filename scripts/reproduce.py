@@ -76,7 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="MiniLM's lower layers need 2e-4 (README); 5e-5 suits BERT-base")
     p.add_argument("--batch-size", default=32, type=int)
     p.add_argument("--students-per-chunk", default=0, type=int,
-                   help="students vmapped together (0: as many as fit); 1 on CPU, where vmap does not pay (docs/benchmarks.md)")
+                   help="students vmapped together (0: the sweep's automatic size: as many as fit on an "
+                        "accelerator, 1 on CPU, where vmap does not pay)")
     p.add_argument("--speed-repeats", default=5, type=int)
     p.add_argument("--report-only", action="store_true", help="tables from the finished runs only; train nothing")
     return p.parse_args(argv)

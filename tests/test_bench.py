@@ -212,7 +212,7 @@ def test_sweep_suite_compares_vmapped_with_sequential_students():
         assert _positive(line["compile_s"]) and _positive(line["mfu"])
     assert vmapped["speedup"] == pytest.approx(sequential["step_s_median"] / vmapped["step_s_median"])
     assert "targets" not in vmapped  # the 2x target is for accelerators
-    assert isinstance(vmapped["auto_students_per_chunk"], int) and 1 <= vmapped["auto_students_per_chunk"] <= 36
+    assert vmapped["auto_students_per_chunk"] == 1  # on a CPU the sweep trains one student at a time
 
 
 def test_profile_traces_each_timed_step(tmp_path):

@@ -24,12 +24,13 @@ LAYER_MAP = losses.layer_map(6, 3, "skip")
 
 
 def _config(glue_dir, minilm_dir, **fields):
-    """2 students (alpha 0.2 and 0.7) on an SST-2 slice: 4 steps, evaluated at steps 2 and 4."""
+    """2 students (alpha 0.2 and 0.7), vmapped in one chunk, on an SST-2 slice: 4 steps, evaluated
+    at steps 2 and 4."""
     c = sweep_config.get_config(f"task=sst2,teacher={minilm_dir},model=minilm-l6,layers=3,glue_dir={glue_dir}")
     c.train_examples, c.max_seq_length, c.batch_size = 128, 32, 16
     c.eval_examples, c.eval_batch_size = 64, 32
     c.max_steps, c.eval_every_steps, c.checkpoint_every_steps, c.log_every_steps = 4, 2, 0, 2
-    c.progress = False
+    c.progress, c.students_per_chunk = False, 2  # the CPU's automatic size would be 1
     c.temperatures, c.alphas, c.betas, c.learning_rates = (10.0,), (0.2, 0.7), (100.0,), (5e-3,)
     for key, value in fields.items():
         c[key] = value
@@ -263,9 +264,17 @@ def test_auto_chunk_size():
     assert sweep.auto_chunk_size(20 * gib, 10 * gib, max_students=36) == 1
     assert sweep.auto_chunk_size(gib, 10 * gib, max_students=36, devices=8, shard_students=True) == 40
     assert sweep.auto_chunk_size(gib, 10 * gib, max_students=12, devices=8, shard_students=True) == 16
+    assert sweep.auto_chunk_size(gib, 10 * gib, max_students=36, cpu=True) == 1
+    assert sweep.auto_chunk_size(gib, 10 * gib, max_students=36, devices=8, shard_students=True, cpu=True) == 8
     # BERT_3 (45.7M params) at batch 32 x 128 on one device: params dominate, activations follow.
     base = sweep.student_bytes(BertConfig(num_hidden_layers=3), 45_692_930, 32, 128, 2)
     assert 0.9 * gib < base < 2 * gib
+
+
+def test_a_cpu_sweep_trains_its_students_one_after_another(glue_dir, minilm_dir, tmp_path):
+    assert jax.default_backend() == "cpu"
+    runner = sweep.Sweep(_config(glue_dir, minilm_dir, students_per_chunk=0), tmp_path)
+    assert runner.plan.students_per_chunk == 1 and runner.plan.chunks == [[0], [1]]
 
 
 @pytest.mark.parametrize("field, value, match", [
