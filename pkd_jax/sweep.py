@@ -424,10 +424,10 @@ class Sweep:
         if self.t_params is not None:  # the online teacher's parameters stay on every device
             reserved = sum(x.nbytes for x in jax.tree.leaves(self.t_params)) // c.mesh.fsdp
         largest = max(sum(p.seed == s for p in self.points) for s in c.seeds)
-        free = device_memory_bytes(c.memory_gb)
+        free, cpu = device_memory_bytes(c.memory_gb), jax.default_backend() == "cpu"
         size = auto_chunk_size(per_student, free, max_students=largest, reserved=reserved, devices=devices,
-                               shard_students=c.shard_students, cpu=jax.default_backend() == "cpu")
-        if jax.default_backend() == "cpu":
+                               shard_students=c.shard_students, cpu=cpu)
+        if cpu:
             log.info("auto chunk size %d: on a CPU students train one after another (a vmapped chunk is "
                      "slower there); set students_per_chunk to vmap them anyway", size)
         else:
