@@ -104,6 +104,11 @@ def get_task(name: str) -> TaskSpec:
         raise ValueError(f"unknown GLUE task {name!r}; valid tasks: {', '.join(TASKS)}") from None
 
 
+def dev_split(task: str) -> str:
+    """The split a task is evaluated on: MNLI's matched dev set, every other task's dev set."""
+    return "validation_matched" if task == "mnli" else "validation"
+
+
 def _check_split(spec: TaskSpec, split: str) -> None:
     if split not in spec.splits:
         raise ValueError(

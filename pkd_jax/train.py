@@ -586,9 +586,8 @@ def prepare(config) -> Setup:
         layer_map = losses.layer_map(teacher.config.num_hidden_layers, student.num_hidden_layers,
                                      _strategy(config.strategy))
 
-    dev_split = "validation_matched" if config.task == "mnli" else "validation"
     train_tok = _tokenized_split(config, tokenizer, "train", cache_dir, subsample=config.train_examples)
-    dev_tok = _tokenized_split(config, tokenizer, dev_split, cache_dir, limit=config.eval_examples)
+    dev_tok = _tokenized_split(config, tokenizer, data.dev_split(config.task), cache_dir, limit=config.eval_examples)
     steps_per_epoch = data.steps_per_epoch(len(train_tok), config.batch_size)
     if steps_per_epoch == 0:
         _fail("batch_size", config.batch_size, f"at most the {len(train_tok)} training examples")

@@ -246,8 +246,7 @@ def cls_spread(model_dir: Path, task: str, args, examples: int = 256) -> list[fl
     `examples` dev examples to their mean. Near 0, that layer's [CLS] is the same for every input,
     and a patient loss towards it teaches the student nothing about the input."""
     model = checkpoints.load_pretrained(model_dir)
-    split = "validation_matched" if task == "mnli" else "validation"
-    ds = data.load_split(task, split, glue_dir=args.glue_dir)
+    ds = data.load_split(task, data.dev_split(task), glue_dir=args.glue_dir)
     tok = data.tokenize(ds.select(range(min(examples, len(ds)))), checkpoints.load_tokenizer(model_dir),
                         args.max_seq_length)
     batch = next(data.eval_batches(tok, len(tok), bucket=False))
