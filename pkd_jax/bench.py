@@ -26,10 +26,12 @@ the calls, as in training.
 Model FLOPs (the MFU convention: analytic, not XLA's count). One forward pass of a BERT with L
 layers, hidden H, intermediate I, sequence S and C classes costs per example::
 
-    F(L) = L·(2·S·(4H² + 2H·I) + 4·S²·H) + 2H² + 2HC
+    F(L) = (L−1)·(2·S·(4H² + 2H·I) + 4·S²·H) + 2·S·2H² + 2·(2H² + 2H·I) + 4·S·H + 2H² + 2HC
 
-(the Q, K, V, output and two FFN matmuls; QKᵀ and attention·V; the pooler and the classifier;
-embedding lookups, LayerNorm, softmax and the losses are not counted). A training step costs
+(the Q, K, V, output and two FFN matmuls; QKᵀ and attention·V; in the top layer, which computes
+only the [CLS] row (``bert.BertEncoder``), the keys and values of every row and the rest of one
+row; the pooler and the classifier; embedding lookups, LayerNorm, softmax and the losses are
+not counted). A training step costs
 3·F(student) (forward + backward), plus F(teacher) when the teacher runs online; inference costs
 F. ``tflops_per_s`` = FLOPs per step / median step time, ``mfu`` = that / the device's peak:
 dense bfloat16 peaks from a table keyed by the device kind on GPU/TPU (also for float32 runs,
@@ -110,8 +112,9 @@ ACCELERATOR_MFU_TARGET = 0.5
 def forward_flops(config: BertConfig, layers: int, seq_len: int) -> float:
     """Model FLOPs of one forward pass per example (module docstring)."""
     h, i, s, c = config.hidden_size, config.intermediate_size, seq_len, config.num_labels
-    encoder = layers * (2 * s * (4 * h * h + 2 * h * i) + 4 * s * s * h)
-    return float(encoder + 2 * h * h + 2 * h * c)
+    layer = 2 * s * (4 * h * h + 2 * h * i) + 4 * s * s * h
+    top = 2 * s * 2 * h * h + 2 * (2 * h * h + 2 * h * i) + 4 * s * h  # keys and values; [CLS] row
+    return float((layers - 1) * layer + top + 2 * h * h + 2 * h * c)
 
 
 def train_flops(config: BertConfig, student_layers: int, teacher_layers: int | None,

@@ -48,6 +48,28 @@ def test_float32_matches_transformers(minilm_dir, batch, reference):
     assert out.cls.dtype == out.logits.dtype == jnp.float32
 
 
+def test_top_layer_on_the_cls_row_alone_matches_transformers(minilm_dir, batch, reference):
+    """Without hidden_states the top layer computes only the [CLS] row: same cls, pooled, logits."""
+    hidden_ref, pooled_ref = reference
+    model = checkpoints.load_pretrained(minilm_dir)
+    out, full = _run(model, batch), _run(model, batch, output_hidden_states=True)
+    assert out.hidden_states is None
+    np.testing.assert_allclose(out.cls, hidden_ref[1:, :, 0], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(out.pooled, pooled_ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(out.logits, full.logits, atol=1e-5, rtol=0)
+    # And so are the gradients.
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def grads(hidden):
+        def loss(p):
+            o = _run(nnx.merge(graphdef, p), batch, output_hidden_states=hidden)
+            return o.logits.sum() + o.cls.sum()
+        return jax.tree.leaves(jax.grad(loss)(params))
+
+    for a, b in zip(grads(False), grads(True)):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
 def test_bfloat16_within_stated_bound(minilm_dir, batch, reference):
     """bf16 compute, f32 params: per-layer relative error < 3e-2 (measured ~0.4-1.2 %)."""
     hidden_ref, pooled_ref = reference
