@@ -21,7 +21,7 @@ teacher. Here the grid (seeds x learning_rates x temperatures x alphas x betas) 
   batch; G is then a multiple of the device count (a short chunk is padded with copies of its
   last student, trained and discarded).
 * **Chunk size.** `students_per_chunk=0` picks G from device memory on an accelerator
-  (`auto_chunk_size`), and 1 on a CPU, where a vmapped chunk measured slower than the same
+  (`auto_chunk_size`), and 1 on a CPU, where a vmapped chunk measured no faster than the same
   students one after another (docs/benchmarks.md); any G may still be set.
 * **Equivalence.** A student ends with the parameters and dev metrics of the single run
   `train.train_and_evaluate(point_config(config, point))` (same seed: same classifier init,
@@ -429,7 +429,7 @@ class Sweep:
                                shard_students=c.shard_students, cpu=cpu)
         if cpu:
             log.info("auto chunk size %d: on a CPU students train one after another (a vmapped chunk is "
-                     "slower there); set students_per_chunk to vmap them anyway", size)
+                     "no faster there); set students_per_chunk to vmap them anyway", size)
         else:
             log.info("auto chunk size %d: ~%.2f GiB per student, %.2f GiB free per device", size,
                      per_student / 2**30, free / 2**30)
