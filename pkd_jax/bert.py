@@ -194,7 +194,7 @@ class BertSelfAttention(nnx.Module):
             out = jax.nn.dot_product_attention(
                 q, k, v, key_value_seq_lengths=lengths, implementation="cudnn"
             )
-        else:  # cuDNN's fused attention has no dropout on the probabilities; BERT training has
+        else:  # off GPU; with dropout on the probabilities (cuDNN's has none); the [CLS]-only layer
             out = self._attention(q, k, v, mask, None if deterministic else rngs)
         return out.reshape(b, q.shape[1], -1)
 
@@ -262,10 +262,10 @@ class BertEncoder(nnx.Module):
     def __call__(self, x, mask, lengths, deterministic, rngs, cls_only_top=False):
         """The output of every layer: [B, S, H] each; the top one [B, 1, H] if cls_only_top.
 
-        Only the [CLS] row of the top layer reaches the pooler, and its other rows depend on
-        nothing else, so the classifier skips them: the top layer's query projection, attention
-        output and feed-forward run on one row, its keys and values on all. That is 83 % of the
-        top layer's FLOPs at BERT's shapes (28 % of a 3-layer student's encoder).
+        Only the [CLS] row of the top layer reaches the pooler and nothing reads its other
+        rows, so a classifier skips them: the top layer's query projection, attention output
+        and feed-forward run on one row, its keys and values on all. That saves 83 % of the top
+        layer's FLOPs at BERT's shapes (28 % of a 3-layer student's encoder).
         """
         outputs = []
         n = len(self.layer)
