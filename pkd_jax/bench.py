@@ -31,9 +31,8 @@ layers, hidden H, intermediate I, sequence S and C classes costs per example::
 (the Q, K, V, output and two FFN matmuls; QKᵀ and attention·V; in the top layer, which computes
 only the [CLS] row (``bert.BertEncoder``), the keys and values of every row and the rest of one
 row; the pooler and the classifier; embedding lookups, LayerNorm, softmax and the losses are
-not counted). A training step costs
-3·F(student) (forward + backward), plus F(teacher) when the teacher runs online; inference costs
-F. ``tflops_per_s`` = FLOPs per step / median step time, ``mfu`` = that / the device's peak:
+not counted). A training step costs 3·F(student) (forward + backward), plus F(teacher) when the
+teacher runs online; inference costs F. ``tflops_per_s`` = FLOPs per step / median step time, ``mfu`` = that / the device's peak:
 dense bfloat16 peaks from a table keyed by the device kind on GPU/TPU (also for float32 runs,
 ``peak_dtype`` says so), or on CPU the measured matmul peak of the machine in the run's dtype.
 
