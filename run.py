@@ -13,11 +13,10 @@ from the workdir's last checkpoint. See each config's docstring for more.
 import logging
 import sys
 
-import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from pkd_jax import partitioning, sweep, train
+from pkd_jax import loop, report, sweep, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py:args", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs, results and the model go.")
@@ -29,14 +28,13 @@ def main(argv):
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
     logging.getLogger("pkd_jax").setLevel(logging.INFO)
     config = _CONFIG.value
-    partitioning.initialize_distributed(**config.distributed)  # before anything touches a device
     print(f"config:\n{config}", flush=True)
-    print(f"process {jax.process_index()} of {jax.process_count()}; devices: {jax.devices()}", flush=True)
-    print(f"mesh: {dict(partitioning.make_mesh(config.mesh.fsdp).shape)}", flush=True)
-    run = sweep.run_sweep if config.kind == "sweep" else train.train_and_evaluate
     try:
-        results = run(config, _WORKDIR.value)
-    except train.Preempted as e:
+        if config.kind == "sweep":
+            results = sweep.train_grid(config, _WORKDIR.value, on_progress=report.write_sweep_report)
+        else:
+            results = train.train_and_evaluate(config, _WORKDIR.value)
+    except loop.Preempted as e:
         print(e, file=sys.stderr)
         sys.exit(143)  # 128 + SIGTERM: "terminated", not finished
     best = results["best"]

@@ -9,14 +9,15 @@ Precision: parameters are stored in `param_dtype` (float32) and matmuls run in `
 (e.g. bfloat16); LayerNorm statistics, attention softmax, the pooler, the classifier and the
 returned `cls` vectors are float32 whatever `dtype` is.
 
-Calls are functional: dropout keys come in through `rngs=` (a PRNG key), so the same module can
-be merged from a params pytree inside a jitted, vmapped step.
+Calls are functional: dropout draws from `dropout_key=` (a PRNG key), so the same module can be
+merged from a params pytree inside a jitted, vmapped step (`apply`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -122,8 +123,8 @@ class BertOutput(NamedTuple):
     hidden_states: jax.Array | None = None  # [L+1, B, S, H] (embeddings first), on request
 
 
-def _split(rngs: jax.Array | None, n: int) -> list[jax.Array | None]:
-    return [None] * n if rngs is None else list(jax.random.split(rngs, n))
+def _split(key: jax.Array | None, n: int) -> list[jax.Array | None]:
+    return [None] * n if key is None else list(jax.random.split(key, n))
 
 
 class _Factory:
@@ -162,14 +163,14 @@ class BertEmbeddings(nnx.Module):
         self.LayerNorm = f.layer_norm()
         self.dropout_rate = c.hidden_dropout_prob
 
-    def __call__(self, input_ids, token_type_ids, deterministic, rngs):
+    def __call__(self, input_ids, token_type_ids, deterministic, key):
         positions = jnp.arange(input_ids.shape[-1])[None, :]
         x = (
             self.word_embeddings(input_ids)
             + self.position_embeddings(positions)
             + self.token_type_embeddings(token_type_ids)
         )
-        return dropout(self.LayerNorm(x), self.dropout_rate, None if deterministic else rngs)
+        return dropout(self.LayerNorm(x), self.dropout_rate, None if deterministic else key)
 
 
 class BertSelfAttention(nnx.Module):
@@ -183,7 +184,7 @@ class BertSelfAttention(nnx.Module):
         self.key = f.linear(c.hidden_size, c.hidden_size)
         self.value = f.linear(c.hidden_size, c.hidden_size)
 
-    def __call__(self, x, mask, lengths, deterministic, rngs, cls_only=False):
+    def __call__(self, x, mask, lengths, deterministic, key, cls_only=False):
         """cls_only: the [CLS] query alone attends (over every key); out is [B, 1, H]."""
         b = x.shape[0]
         heads = lambda t: t.reshape(b, t.shape[1], self.num_heads, self.head_dim)  # noqa: E731
@@ -195,7 +196,7 @@ class BertSelfAttention(nnx.Module):
                 q, k, v, key_value_seq_lengths=lengths, implementation="cudnn"
             )
         else:  # off GPU; with dropout on the probabilities (cuDNN's has none); the [CLS]-only layer
-            out = self._attention(q, k, v, mask, None if deterministic else rngs)
+            out = self._attention(q, k, v, mask, None if deterministic else key)
         return out.reshape(b, q.shape[1], -1)
 
     def _use_cudnn(self, dtype) -> bool:
@@ -221,8 +222,8 @@ class BertAddNorm(nnx.Module):
         self.LayerNorm = f.layer_norm()
         self.dropout_rate = f.c.hidden_dropout_prob
 
-    def __call__(self, x, residual, deterministic, rngs):
-        x = dropout(self.dense(x), self.dropout_rate, None if deterministic else rngs)
+    def __call__(self, x, residual, deterministic, key):
+        x = dropout(self.dense(x), self.dropout_rate, None if deterministic else key)
         return self.LayerNorm(x + residual)
 
 
@@ -247,8 +248,8 @@ class BertLayer(nnx.Module):
         self.intermediate = BertIntermediate(f)
         self.output = BertAddNorm(f, f.c.intermediate_size)
 
-    def __call__(self, x, mask, lengths, deterministic, rngs, cls_only=False):
-        r_attn, r_attn_out, r_out = _split(rngs, 3)
+    def __call__(self, x, mask, lengths, deterministic, key, cls_only=False):
+        r_attn, r_attn_out, r_out = _split(key, 3)
         a = self.attention.self(x, mask, lengths, deterministic, r_attn, cls_only)
         x = self.attention.output(a, x[:, :1] if cls_only else x, deterministic, r_attn_out)
         return self.output(self.intermediate(x), x, deterministic, r_out)
@@ -259,7 +260,7 @@ class BertEncoder(nnx.Module):
         self.layer = nnx.List([BertLayer(f) for _ in range(f.c.num_hidden_layers)])
         self.remat = f.c.remat
 
-    def __call__(self, x, mask, lengths, deterministic, rngs, cls_only_top=False):
+    def __call__(self, x, mask, lengths, deterministic, key, cls_only_top=False):
         """The output of every layer: [B, S, H] each; the top one [B, 1, H] if cls_only_top.
 
         Only the [CLS] row of the top layer reaches the pooler and nothing reads its other
@@ -269,7 +270,7 @@ class BertEncoder(nnx.Module):
         """
         outputs = []
         n = len(self.layer)
-        for i, (layer, r) in enumerate(zip(self.layer, _split(rngs, n))):
+        for i, (layer, r) in enumerate(zip(self.layer, _split(key, n))):
             cls_only = cls_only_top and i == n - 1
             if self.remat:
                 x = nnx.remat(lambda m, *a: m(*a), static_argnums=(4, 6))(
@@ -322,12 +323,20 @@ class BertForSequenceClassification(nnx.Module):
         attention_mask: jax.Array | None = None,
         deterministic: bool = True,
         *,
-        rngs: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
         output_hidden_states: bool = False,
+        rngs: jax.Array | None = None,
     ) -> BertOutput:
-        """Forward pass. `rngs`: a PRNG key for dropout, required when not deterministic."""
-        if not deterministic and rngs is None:
-            raise ValueError("deterministic=False needs a dropout key: pass rngs=jax.random.key(...)")
+        """Forward pass. `dropout_key`: a PRNG key for dropout, required when not deterministic.
+
+        `rngs` is the deprecated name of `dropout_key` (it is a raw key, not an `nnx.Rngs`).
+        """
+        if rngs is not None:
+            warnings.warn("BertForSequenceClassification(..., rngs=key) is deprecated: pass "
+                          "dropout_key=key", DeprecationWarning, stacklevel=2)
+            dropout_key = rngs if dropout_key is None else dropout_key
+        if not deterministic and dropout_key is None:
+            raise ValueError("deterministic=False needs a dropout key: pass dropout_key=jax.random.key(...)")
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         if attention_mask is None:
@@ -335,7 +344,7 @@ class BertForSequenceClassification(nnx.Module):
         mask = attention_mask.astype(bool)[:, None, None, :]  # [B, 1, 1(query), S(key)]
         # At least 1: an all-padding row (filler in a last eval batch) must not give cuDNN 0 keys.
         lengths = jnp.maximum(attention_mask.sum(-1), 1).astype(jnp.int32)
-        r_emb, r_enc, r_head = _split(rngs, 3)
+        r_emb, r_enc, r_head = _split(dropout_key, 3)
         bert = self.bert
         x0 = bert.embeddings(input_ids, token_type_ids, deterministic, r_emb)
         # Without hidden_states only the top layer's [CLS] row is needed (BertEncoder).
@@ -345,6 +354,19 @@ class BertForSequenceClassification(nnx.Module):
         logits = self.classifier(dropout(pooled, self.dropout_rate, None if deterministic else r_head))
         hidden = jnp.stack([x0, *layers]) if output_hidden_states else None
         return BertOutput(logits=logits, pooled=pooled, cls=cls, hidden_states=hidden)
+
+
+def apply(graphdef: nnx.GraphDef, params: nnx.State, inputs, *, dropout_key=None,
+          output_hidden_states: bool = False) -> BertOutput:
+    """The model `nnx.merge(graphdef, params)` on a batch's model inputs, as a pure function.
+
+    `inputs`: a mapping with input_ids, token_type_ids and attention_mask (other keys ignored).
+    Dropout is on exactly when `dropout_key` is given.
+    """
+    model = nnx.merge(graphdef, params)
+    return model(inputs["input_ids"], inputs["token_type_ids"], inputs["attention_mask"],
+                 deterministic=dropout_key is None, dropout_key=dropout_key,
+                 output_hidden_states=output_hidden_states)
 
 
 def param_count(model: nnx.Module, *, embeddings: bool = True) -> int:

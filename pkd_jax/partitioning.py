@@ -71,6 +71,11 @@ def state_sharding(tree, mesh: Mesh, fsdp: bool = False):
     return jax.tree.map(lambda x: NamedSharding(mesh, _fsdp_spec(np.shape(x), n)), tree)
 
 
+def place_state(tree, mesh: Mesh, fsdp: bool = False):
+    """Put params / a train state on the mesh: replicated, or FSDP-sharded (`state_sharding`)."""
+    return jax.device_put(tree, state_sharding(tree, mesh, fsdp))
+
+
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % n or batch_size % jax.process_count():
@@ -86,12 +91,12 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     sharding = batch_sharding(mesh)
     n, i = jax.process_count(), jax.process_index()
 
-    def place(x):
+    def local_rows(x):
         x = np.asarray(x)
         rows = x.shape[0] // n
         return jax.make_array_from_process_local_data(sharding, x[i * rows:(i + 1) * rows], x.shape)
 
-    return {k: place(v) for k, v in batch.items()}
+    return {k: local_rows(v) for k, v in batch.items()}
 
 
 def to_host(x) -> np.ndarray:

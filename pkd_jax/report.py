@@ -44,7 +44,13 @@ from typing import Any, Sequence
 
 from matplotlib.figure import Figure
 
-from pkd_jax import data
+import csv
+import itertools
+
+import numpy as np
+
+from pkd_jax import data, metrics
+from pkd_jax.sweep import plan as sweep_plan
 
 # Same-depth rows are listed in the paper's order: baselines first, then the PKD variants.
 _METHOD_ORDER = ("Teacher", "FT", "KD", "PKD-Last", "PKD-Skip", "PKD")
@@ -279,16 +285,16 @@ def inference_examples_per_s(model_dir: str | os.PathLike, *, batch_size: int = 
     import numpy as np
     from flax import nnx
 
-    from pkd_jax import checkpoints, train
+    from pkd_jax import checkpoints, setup, steps
 
-    model = checkpoints.load_pretrained(model_dir, dtype=train.compute_dtype(dtype))
+    model = checkpoints.load_pretrained(model_dir, dtype=setup.compute_dtype(dtype))
     graphdef, params = nnx.split(model, nnx.Param)
     rng = np.random.default_rng(seed)
     batch = {"input_ids": rng.integers(1, model.config.vocab_size, (batch_size, seq_len), dtype=np.int32),
              "token_type_ids": np.zeros((batch_size, seq_len), np.int32),
              "attention_mask": np.ones((batch_size, seq_len), np.int32)}
     batch = jax.device_put(batch)
-    forward = jax.jit(train.make_eval_step(graphdef)).lower(params, batch).compile()
+    forward = jax.jit(steps.make_logits_fn(graphdef)).lower(params, batch).compile()
     jax.block_until_ready(forward(params, batch))  # warm-up: first-call allocations
     times = []
     for _ in range(repeats):
@@ -450,6 +456,139 @@ def plot_summary(rows: Sequence[Row], out: str | os.PathLike) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
+# Sweeps
+# --------------------------------------------------------------------------------------------
+
+
+def read_sweep_rows(path: str | os.PathLike) -> list[dict]:
+    """The rows of a sweep.csv, typed as the sweep wrote them (empty cells: None)."""
+    with open(path, newline="") as f:
+        table = list(csv.reader(f))
+    header, body = table[0], table[1:]
+    names = header[header.index("score") + 1:header.index("last_step")]
+    ints = {"student", "chunk", "seed", "failed_step", "best_step", "last_step"}
+    rows = []
+    for cells in body:
+        values = {k: (None if v == "" else v if k == "status" else int(v) if k in ints else float(v))
+                  for k, v in zip(header, cells)}
+        found = {n: values.pop(n) for n in names}
+        values["metrics"] = {n: v for n, v in found.items() if v is not None}
+        rows.append(values)
+    return rows
+
+
+def write_sweep_report(workdir: str | os.PathLike) -> Path:
+    """sweep.md and heatmap.png of a sweep workdir, from its sweep.csv and config.json."""
+    workdir = Path(workdir)
+    rows = read_sweep_rows(workdir / "sweep.csv")
+    task = json.loads((workdir / "config.json").read_text())["task"]
+    plot_heatmap(rows, task, workdir / "heatmap.png")
+    path = workdir / "sweep.md"
+    path.write_text(markdown_report(rows, task))
+    return path
+
+
+def _pct100(x: float | None) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{100 * x:.1f}"
+
+
+def sweep_table(rows: Sequence[dict], task: str) -> str:
+    """Students best first (metrics ×100); the best row bold and starred."""
+    names = sweep_plan.metric_names(rows)
+    main = metrics.main_metric(task)
+    others = [n for n in names if n != main]
+    header = ["Rank", "Student", "Seed", "Learning rate", "T", "α", "β", f"Dev {metric_title(main)}",
+              *map(metric_title, others), "Best step", "Status"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * (len(header) - 1) + "---|"]
+    ranked = (sorted((r for r in rows if r["score"] is not None), key=sweep_plan.rank_key)
+              + sorted((r for r in rows if r["score"] is None), key=lambda r: r["student"]))
+    best = sweep_plan.best_row(rows)
+    for rank, r in enumerate(ranked, 1):
+        status = "ok" if r["status"] == "ok" else f"failed (NaN at step {r['failed_step']})"
+        cells = [str(rank), str(r["student"]), str(r["seed"]), f"{r['learning_rate']:g}", f"{r['temperature']:g}",
+                 f"{r['alpha']:g}", f"{r['beta']:g}", _pct100(r["score"]),
+                 *(_pct100(r["metrics"].get(n)) for n in others),
+                 "–" if r["best_step"] is None else str(r["best_step"]), status]
+        if r is best:
+            cells = [f"**{x}**" for x in cells]
+            cells[0] = "★ " + cells[0]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(rows: Sequence[dict], task: str) -> str:
+    """sweep.md: a heading, the best point, the table and the heatmap."""
+    best = sweep_plan.best_row(rows)
+    lines = [f"# {task_title(task)}: hyper-parameter sweep ({len(rows)} students)", ""]
+    if best is not None:
+        lines += [f"Best (★, exported to `best_model/`): dev {metric_title(metrics.main_metric(task))} "
+                  f"{_pct100(best['score'])} at step {best['best_step']}{sweep_plan.describe(best)}.", ""]
+    lines += ["Dev metrics ×100 at each student's best step.", "", sweep_table(rows, task), "",
+              "![heatmap](heatmap.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_heatmap(rows: Sequence[dict], task: str, path: str | os.PathLike) -> Path:
+    """Dev main metric over the grid: a panel per (learning rate, T), α up and β across; cells
+    annotated (mean over seeds, ± their spread), the best student's cell outlined, failed
+    students marked †."""
+    import matplotlib
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    axis_values = {k: sorted({r[k] for r in rows}) for k in ("learning_rate", "temperature", "alpha", "beta")}
+    lrs, temps, alphas, betas = axis_values.values()
+    seeds = sorted({r["seed"] for r in rows})
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["learning_rate"], r["temperature"], r["alpha"], r["beta"]), []).append(r)
+
+    def mean(key):
+        scores = [100 * r["score"] for r in cells.get(key, []) if r["score"] is not None]
+        return (float(np.mean(scores)), float(np.std(scores))) if scores else (math.nan, math.nan)
+
+    values = {key: mean(key) for key in cells}
+    finite = [m for m, _ in values.values() if math.isfinite(m)]
+    vmin, vmax = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    if vmax - vmin < 1e-9:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    best = sweep_plan.best_row(rows)
+    top = None if best is None else (best["learning_rate"], best["temperature"], best["alpha"], best["beta"])
+
+    fig = Figure(figsize=(max(7.0, 0.85 * len(betas) * len(temps) + 2.4), 0.6 * len(alphas) * len(lrs) + 2.1),
+                 layout="constrained")
+    axes = fig.subplots(len(lrs), len(temps), squeeze=False, sharex=True, sharey=True)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9")
+    for (li, lr), (ti, t) in itertools.product(enumerate(lrs), enumerate(temps)):
+        ax = axes[li][ti]
+        grid_values = np.array([[values.get((lr, t, a, b), (math.nan, 0))[0] for b in betas] for a in alphas])
+        image = ax.imshow(grid_values, cmap=cmap, vmin=vmin, vmax=vmax, origin="lower", aspect="auto")
+        for (ai, a), (bi, b) in itertools.product(enumerate(alphas), enumerate(betas)):
+            m, sd = values.get((lr, t, a, b), (math.nan, 0))
+            failed = any(r["status"] == "failed" for r in cells.get((lr, t, a, b), []))
+            text = "–" if not math.isfinite(m) else f"{m:.1f}" + (f"\n±{sd:.1f}" if len(seeds) > 1 else "")
+            bright = math.isfinite(m) and (m - vmin) / (vmax - vmin) > 0.6
+            ax.text(bi, ai, text + (" †" if failed else ""), ha="center", va="center", fontsize=9,
+                    color="black" if bright or not math.isfinite(m) else "white")
+            if (lr, t, a, b) == top:
+                ax.add_patch(Rectangle((bi - 0.5, ai - 0.5), 1, 1, fill=False, edgecolor="#d62728", lw=3))
+        ax.set_xticks(range(len(betas)), [f"{b:g}" for b in betas])
+        ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+        ax.set_title(f"T = {t:g}" + (f", lr = {lr:g}" if len(lrs) > 1 else ""), fontsize=10)
+    metric = metric_title(metrics.main_metric(task))
+    fig.colorbar(image, ax=axes, shrink=0.9, label=f"dev {metric} (%)")
+    fig.supxlabel("β (patient loss weight)")
+    fig.supylabel("α (distillation weight)")
+    seeds_note = f"mean ± std of {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
+    failed_note = "; †: a student failed (NaN)" if any(r["status"] == "failed" for r in rows) else ""
+    fig.suptitle(f"{task_title(task)}: best dev {metric} of each student\n"
+                 f"{seeds_note}; red box: the exported best student{failed_note}", fontsize=10)
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
 
@@ -492,9 +631,9 @@ def write_report(runs: Sequence[Run], rows: Sequence[Row], out: str | os.PathLik
 def _speed_note(args: argparse.Namespace) -> str:
     import jax
 
-    from pkd_jax import train
+    from pkd_jax import setup
 
-    dtype = jax.numpy.dtype(train.compute_dtype(args.dtype)).name
+    dtype = jax.numpy.dtype(setup.compute_dtype(args.dtype)).name
     return (f"Inference: jitted forward pass, batch {args.batch_size} x {args.seq_len} tokens, {dtype} on "
             f"{jax.devices()[0].device_kind}; median of {args.repeats} calls.")
 

@@ -30,8 +30,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -45,10 +43,9 @@ from jax.sharding import Mesh
 from jax.typing import DTypeLike
 from tqdm import tqdm
 
-from pkd_jax import data, partitioning, train
+from pkd_jax import bert, data, fsutil, partitioning
 
 FORMAT_VERSION = 1  # bump when the stored arrays' meaning changes
-_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 log = logging.getLogger(__name__)
 
 
@@ -141,7 +138,7 @@ def _load(entry: Path, key: str, num_examples: int, layer_map: tuple[int, ...],
 def _teacher_outputs(graphdef, params, inputs, *, layer_map: tuple[int, ...],
                      cls_dtype: np.dtype) -> tuple[jax.Array, jax.Array]:
     """float32 logits [B, C] and the mapped layers' [CLS] vectors [B, M, H] in ``cls_dtype``."""
-    out = train.forward(graphdef, params, inputs)
+    out = bert.apply(graphdef, params, inputs)
     cls = out.cls[np.asarray(layer_map, np.int32) - 1]  # cls[l - 1] is after layer l
     # Cast on device: half the transfer for float16, and the same rounding as on the host.
     return out.logits.astype(jnp.float32), jnp.swapaxes(cls, 0, 1).astype(cls_dtype)
@@ -164,11 +161,6 @@ def _open_arrays(folder: Path, shapes: Mapping[str, tuple[np.dtype, tuple[int, .
             for name, (dtype, shape) in shapes.items()}
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def _compute(graphdef, params, tokenized: data.Tokenized, layer_map: tuple[int, ...],
              mesh: Mesh, batch_size: int, cls_dtype: np.dtype, folder: Path | None,
              progress: bool) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
@@ -180,7 +172,7 @@ def _compute(graphdef, params, tokenized: data.Tokenized, layer_map: tuple[int, 
     params = _on_mesh(params, mesh)
     run = functools.partial(_teacher_outputs, graphdef, layer_map=layer_map, cls_dtype=cls_dtype)
     spec = {k: jax.ShapeDtypeStruct((batch_size, tokenized.max_seq_length), jnp.int32)
-            for k in _INPUTS}
+            for k in data.MODEL_INPUTS}
     logits_spec, cls_spec = jax.eval_shape(run, params, spec)
     n = len(tokenized)
     shapes = {"logits": (np.dtype(np.float32), (n, logits_spec.shape[1])),
@@ -197,11 +189,11 @@ def _compute(graphdef, params, tokenized: data.Tokenized, layer_map: tuple[int, 
             arrays["logits"][rows] = logits[real]
             arrays["cls"][rows] = cls[real]
 
-    def place(batch: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    def split(batch: dict[str, np.ndarray]) -> tuple[dict, dict]:
         host = {k: batch[k] for k in ("index", "weight")}
-        return host, partitioning.shard_batch({k: batch[k] for k in _INPUTS}, mesh)
+        return host, partitioning.shard_batch({k: batch[k] for k in data.MODEL_INPUTS}, mesh)
 
-    batches = data.prefetch(data.eval_batches(tokenized, batch_size, bucket=True), place)
+    batches = data.prefetch(data.eval_batches(tokenized, batch_size, bucket=True), split)
     pending = None
     with batches, tqdm(total=math.ceil(n / batch_size), desc="teacher outputs", unit="batch",
                        disable=not progress or jax.process_index() != 0) as bar:
@@ -218,7 +210,7 @@ def _compute(graphdef, params, tokenized: data.Tokenized, layer_map: tuple[int, 
     if arrays is not None:
         for name, arr in arrays.items():
             arr.flush()
-            _fsync(folder / f"{name}.npy")
+            fsutil.fsync_file(folder / f"{name}.npy")
     return shapes
 
 
@@ -234,17 +226,7 @@ def _write_manifest(folder: Path, key: str, layer_map: tuple[int, ...], dtype_na
     }
     path = folder / "manifest.json"
     path.write_text(json.dumps(manifest, indent=1))
-    _fsync(path)
-
-
-def _publish(tmp: Path, entry: Path) -> None:
-    """Move a finished temporary folder into place (written last: readers see all or nothing)."""
-    if entry.exists():  # stale or corrupt (a valid entry would have been loaded)
-        shutil.rmtree(entry, ignore_errors=True)
-    try:
-        os.rename(tmp, entry)
-    except OSError:  # a concurrent builder won the race; its entry is equally valid
-        pass
+    fsutil.fsync_file(path)
 
 
 def build_or_load(teacher_graphdef, teacher_params, tokenized: data.Tokenized,
@@ -277,20 +259,14 @@ def build_or_load(teacher_graphdef, teacher_params, tokenized: data.Tokenized,
         return found
 
     log.info("computing teacher outputs for %d examples into %s", len(tokenized), entry)
-    writer = jax.process_index() == 0
-    tmp = None
-    if writer:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=root))
-    try:
-        shapes = _compute(teacher_graphdef, teacher_params, tokenized, layer_map, mesh,
-                          batch_size, cls_dtype, tmp, progress)
-        if writer:
+    if jax.process_index() == 0:  # the writer: a staged folder, published when complete
+        with fsutil.staged_dir(entry) as tmp:
+            shapes = _compute(teacher_graphdef, teacher_params, tokenized, layer_map, mesh,
+                              batch_size, cls_dtype, tmp, progress)
             _write_manifest(tmp, key, layer_map, dtype_name, shapes)
-            _publish(tmp, entry)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        _compute(teacher_graphdef, teacher_params, tokenized, layer_map, mesh, batch_size,
+                 cls_dtype, None, progress)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"pkd_jax.teacher_cache:{key}")
     built = _load(entry, key, len(tokenized), layer_map, cls_dtype)

@@ -1,0 +1,316 @@
+"""Config checks and the parts of a run built from a config: mesh, data, teacher, student recipe.
+
+`prepare(config)` checks the config, joins the other processes, builds the mesh, loads the
+teacher, the tokenizer and the tokenised splits, and returns a `Setup`, from which a single run
+(`train.py`) or a sweep (`sweep/`) builds its students, optimizer, step and batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from pkd_jax import bert, checkpoints, data, losses, optim, partitioning, steps
+
+log = logging.getLogger(__name__)
+
+KINDS = ("finetune", "distill")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------
+# Config checks
+# --------------------------------------------------------------------------------------------
+
+
+def _fail(key: str, value, expected: str):
+    raise ValueError(f"config.{key}={value!r}: expected {expected}")
+
+
+def check_config(config) -> None:
+    """Fail at once, naming the key, on values the run could only trip over later."""
+    if config.kind not in KINDS:
+        _fail("kind", config.kind, " or ".join(KINDS))
+    if config.task not in data.TASKS:
+        _fail("task", config.task, "one of " + ", ".join(data.TASKS))
+    if config.dtype not in ("auto", *_DTYPES):
+        _fail("dtype", config.dtype, "auto, float32 or bfloat16")
+    for key in ("batch_size", "eval_batch_size", "max_seq_length", "log_every_steps", "keep_checkpoints"):
+        if config[key] < 1:
+            _fail(key, config[key], "a positive integer")
+    for key in ("max_steps", "train_examples", "eval_examples", "test_examples", "layers"):
+        if config[key] is not None and config[key] < 1:
+            _fail(key, config[key], "a positive integer or None")
+    if config.num_epochs <= 0 or config.learning_rate <= 0:
+        _fail("num_epochs" if config.num_epochs <= 0 else "learning_rate",
+              min(config.num_epochs, config.learning_rate), "a positive number")
+    if not 0 <= config.warmup_fraction < 1:
+        _fail("warmup_fraction", config.warmup_fraction, "a fraction in [0, 1)")
+    if config.model is None and config.kind == "finetune":
+        _fail("model", None, "a pretrained checkpoint (minilm-l6, bert-base, an HF folder or hub id)")
+    if config.kind == "distill":
+        _check_distill_config(config)
+
+
+def _check_distill_config(config) -> None:
+    if not config.teacher:
+        _fail("teacher", config.teacher, "a finished run's workdir, an HF folder or hub id")
+    if config.teacher_mode not in ("auto", "cached", "online"):
+        _fail("teacher_mode", config.teacher_mode, "auto, cached or online")
+    if config.teacher_mode == "cached" and config.teacher_dropout:
+        _fail("teacher_mode", "cached", "online (or auto) when teacher_dropout is on")
+    if config.mode not in losses.MODES:
+        _fail("mode", config.mode, " or ".join(losses.MODES))
+    if not 0 <= config.alpha <= 1 or config.beta < 0 or config.temperature <= 0:
+        raise ValueError(f"config.alpha={config.alpha}, beta={config.beta}, temperature="
+                         f"{config.temperature}: expected 0 <= alpha <= 1, beta >= 0, temperature > 0")
+    layer_strategy(config.strategy)
+    losses.get_distance(config.distance)
+
+
+def layer_strategy(value: str):
+    """config.strategy ('skip' | 'last' | '2,4') -> the argument of losses.layer_map."""
+    if value in losses.STRATEGIES:
+        return value
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        _fail("strategy", value, "skip, last or comma-separated teacher layers such as 2,4")
+
+
+def compute_dtype(name: str):
+    """config.dtype -> a jnp dtype; auto is bfloat16 on GPU and TPU, float32 on CPU."""
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    return _DTYPES[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher and student
+# --------------------------------------------------------------------------------------------
+
+
+def _teacher_source(config) -> tuple[str, str]:
+    """(teacher model folder or name, the student's pretrained checkpoint)."""
+    run = Path(config.teacher)
+    if (run / "model" / "config.json").exists():  # a finished run's workdir
+        pretrained = config.model
+        if pretrained is None and (run / "config.json").exists():
+            pretrained = json.loads((run / "config.json").read_text()).get("model")
+        if pretrained is None:
+            _fail("model", None, f"the pretrained checkpoint to initialise the student from "
+                  f"({run / 'config.json'} does not say which one the teacher started from)")
+        return str(run / "model"), pretrained
+    if config.model is None:
+        _fail("model", None, "the pretrained checkpoint to initialise the student from "
+              "(the teacher is not a run workdir that records it)")
+    return config.teacher, config.model
+
+
+def _check_compatible(teacher: bert.BertConfig, student: bert.BertConfig, teacher_tok, student_tok,
+                      projection: bool) -> None:
+    if teacher_tok.get_vocab() != student_tok.get_vocab():
+        raise ValueError("teacher and student use different vocabularies; distillation needs the same "
+                         "tokenizer (initialise the student from the teacher's pretrained checkpoint)")
+    th, sh = teacher.hidden_size, student.hidden_size
+    if th != sh and not projection:
+        raise ValueError(f"teacher hidden size {th} != student hidden size {sh}: the patient loss "
+                         "compares [CLS] vectors of equal size; set --config.projection=True to learn "
+                         "a linear map from the student's to the teacher's")
+
+
+class TeacherFeed(NamedTuple):
+    """How the teacher reaches a distillation step: its graphdef and placed params (online), or
+    `add_to_batch`, which fills a host batch with cached outputs. Fine-tuning: all None."""
+
+    graphdef: Any = None
+    params: Any = None
+    add_to_batch: Callable[[dict], dict] | None = None
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run needs before its first step: mesh, data, teacher, student recipe.
+
+    Built by `prepare(config)`; shared by `train.train_and_evaluate` and the vmapped sweep.
+    """
+
+    config: Any
+    mesh: Any
+    fsdp: bool
+    dtype: Any
+    task: data.TaskSpec
+    cache_dir: Path
+    pretrained: str  # the checkpoint students (and fine-tuned models) start from
+    tokenizer: Any
+    train_tok: data.Tokenized
+    dev_tok: data.Tokenized
+    steps_per_epoch: int
+    total_steps: int
+    teacher: Any = None  # the loaded teacher model (distillation only)
+    teacher_path: str | None = None
+    layer_map: tuple[int, ...] | None = None
+
+    @property
+    def distill(self) -> bool:
+        return self.teacher is not None
+
+    @property
+    def online(self) -> bool:
+        c = self.config
+        return self.distill and (c.teacher_mode == "online" or (c.teacher_mode == "auto" and c.teacher_dropout))
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(self.config.warmup_fraction * self.total_steps)
+
+    def new_student(self, seed: int) -> bert.BertForSequenceClassification:
+        """The model to train: the first `layers` layers of `pretrained`, a head seeded by `seed`."""
+        c = self.config
+        overrides = {k: v for k, v in c.model_overrides.items() if v is not None}
+        label_names = None if self.task.is_regression else self.task.label_names
+        return checkpoints.load_pretrained(self.pretrained, num_labels=self.task.num_labels, num_layers=c.layers,
+                                           dtype=self.dtype, seed=seed, label_names=label_names, **overrides)
+
+    def optimizer(self) -> optax.GradientTransformation:
+        c = self.config
+        return optim.make_optimizer(learning_rate=c.learning_rate, total_steps=self.total_steps,
+                                    warmup_steps=self.warmup_steps, weight_decay=c.weight_decay,
+                                    max_grad_norm=c.max_grad_norm)
+
+    def loss_weights(self) -> dict[str, float]:
+        """alpha, beta and temperature of the config (fine-tuning: 0, 0, 1)."""
+        c = self.config
+        return {"alpha": c.get("alpha", 0.0), "beta": c.get("beta", 0.0), "temperature": c.get("temperature", 1.0)}
+
+    @property
+    def projection_to(self) -> int | None:
+        """The teacher's hidden size when it differs from the student's (a learned projection)."""
+        if not self.distill:
+            return None
+        student = checkpoints.load_config(self.pretrained, num_layers=self.config.layers)
+        t = self.teacher.config.hidden_size
+        return t if student.hidden_size != t else None
+
+    def teacher_feed(self, lead: bool = True) -> TeacherFeed:
+        """The teacher for the step: placed params (online), or its cached outputs after one pass
+        over the training set (or their reuse)."""
+        if not self.distill:
+            return TeacherFeed()
+        t_graphdef, t_params = nnx.split(self.teacher, nnx.Param)
+        t_params = partitioning.place_state(t_params, self.mesh, self.fsdp)
+        if self.online:
+            return TeacherFeed(t_graphdef, t_params)
+        from pkd_jax import teacher_cache
+
+        cache = teacher_cache.build_or_load(
+            t_graphdef, t_params, self.train_tok, self.layer_map, mesh=self.mesh,
+            batch_size=self.config.eval_batch_size, cache_dir=self.cache_dir / "teacher",
+            dtype_name=jnp.dtype(self.dtype).name, architecture=repr(self.teacher.config),
+            progress=self.config.progress and lead)
+        log.info("teacher outputs %s: %s", "reused" if cache.reused else "computed", cache.path)
+        return TeacherFeed(add_to_batch=cache.add_to)
+
+    def make_step(self, graphdef, tx, teacher_graphdef=None):
+        """The pure step: (state, batch) for fine-tuning, (state, teacher_params, batch) to distil."""
+        c = self.config
+        if not self.distill:
+            return steps.make_finetune_step(graphdef, tx, regression=self.task.is_regression)
+        return steps.make_distill_step(graphdef, tx, layer_map=self.layer_map, teacher_graphdef=teacher_graphdef,
+                                       teacher_dropout=c.teacher_dropout, normalize=c.normalize, mode=c.mode,
+                                       regression=self.task.is_regression, distance=c.distance)
+
+    def train_batches(self, start: int, feed: TeacherFeed, *, seed: int | None = None,
+                      to_devices: Callable[[dict], dict] | None = None):
+        """Training batches on the devices from step `start` on (with teacher outputs when cached).
+
+        seed: the data order's seed (default config.seed); to_devices: placement of a host batch
+        (default: split over the mesh).
+        """
+        c = self.config
+        to_devices = to_devices or (lambda b: partitioning.shard_batch(b, self.mesh))
+        seed = c.seed if seed is None else seed
+        for b in data.train_batches(self.train_tok, c.batch_size, seed, start_step=start, bucket=c.bucket):
+            b = feed.add_to_batch(b) if feed.add_to_batch else b
+            yield to_devices({k: b[k] for k in steps.TRAIN_INPUTS if k in b})
+
+    def batch_idx(self, step: int, seed: int | None = None) -> list[int]:
+        """The dataset idx of the examples in the batch of `step` (the order is a function of the step)."""
+        c = self.config
+        batch = next(data.train_batches(self.train_tok, c.batch_size, c.seed if seed is None else seed,
+                                        start_step=step, bucket=c.bucket))
+        return self.train_tok.idx[batch["index"]].tolist()
+
+    def tokenized(self, split: str, *, limit: int | None = None) -> data.Tokenized:
+        """Another split of the task (e.g. test), tokenised like the training data."""
+        return _tokenized_split(self.config, self.tokenizer, split, self.cache_dir, limit=limit)
+
+
+# --------------------------------------------------------------------------------------------
+# prepare
+# --------------------------------------------------------------------------------------------
+
+
+def _tokenized_split(config, tokenizer, split: str, cache_dir: Path, limit: int | None = None,
+                     subsample: int | None = None) -> data.Tokenized:
+    ds = data.load_split(config.task, split, glue_dir=config.glue_dir, source=config.data_source)
+    if subsample is not None and subsample < len(ds):
+        # A fixed data seed: teacher and students (whatever their own seed) see the same subset.
+        rows = np.sort(np.random.default_rng(0).choice(len(ds), subsample, replace=False))
+        ds = ds.select(rows)
+    elif limit is not None and limit < len(ds):
+        ds = ds.select(range(limit))
+    tok = data.tokenize(ds, tokenizer, config.max_seq_length, cache_dir=cache_dir / "tokenized")
+    if tok.num_truncated:
+        log.warning("%s/%s: %d of %d examples truncated to %d tokens", config.task, split,
+                    tok.num_truncated, len(tok), config.max_seq_length)
+    return tok
+
+
+def prepare(config) -> Setup:
+    """Check the config, join the processes, build the mesh, load the teacher and the data."""
+    check_config(config)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else data.cache_root()
+    if config.compilation_cache:  # a resumed run, or the next student, skips recompiling
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir / "xla"))
+    partitioning.initialize_distributed(**config.distributed)
+    mesh = partitioning.make_mesh(config.mesh.fsdp)
+    log.info("process %d of %d; %d devices (%s); mesh %s", jax.process_index(), jax.process_count(),
+             jax.device_count(), jax.devices()[0].device_kind, dict(mesh.shape))
+    for key in ("batch_size", "eval_batch_size"):
+        partitioning.check_batch_size(config[key], mesh)
+    dtype = compute_dtype(config.dtype)
+    task = data.get_task(config.task)
+
+    teacher = teacher_path = layer_map = None
+    pretrained = config.model
+    if config.kind == "distill":
+        teacher_path, pretrained = _teacher_source(config)
+        teacher = checkpoints.load_pretrained(teacher_path, num_labels=task.num_labels, dtype=dtype)
+    tokenizer = checkpoints.load_tokenizer(pretrained)
+    if teacher is not None:
+        student = checkpoints.load_config(pretrained, num_layers=config.layers)
+        _check_compatible(teacher.config, student, checkpoints.load_tokenizer(teacher_path), tokenizer,
+                          config.projection)
+        layer_map = losses.layer_map(teacher.config.num_hidden_layers, student.num_hidden_layers,
+                                     layer_strategy(config.strategy))
+
+    train_tok = _tokenized_split(config, tokenizer, "train", cache_dir, subsample=config.train_examples)
+    dev_tok = _tokenized_split(config, tokenizer, data.dev_split(config.task), cache_dir, limit=config.eval_examples)
+    steps_per_epoch = data.steps_per_epoch(len(train_tok), config.batch_size)
+    if steps_per_epoch == 0:
+        _fail("batch_size", config.batch_size, f"at most the {len(train_tok)} training examples")
+    total = config.max_steps or int(np.ceil(config.num_epochs * steps_per_epoch))
+    return Setup(config=config, mesh=mesh, fsdp=config.mesh.fsdp > 1, dtype=dtype, task=task,
+                 cache_dir=cache_dir, pretrained=pretrained, tokenizer=tokenizer, train_tok=train_tok,
+                 dev_tok=dev_tok, steps_per_epoch=steps_per_epoch, total_steps=total, teacher=teacher,
+                 teacher_path=teacher_path, layer_map=layer_map)

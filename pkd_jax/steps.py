@@ -1,0 +1,157 @@
+"""The train state, the pure fine-tune / distillation steps, and their compilation over a mesh.
+
+Steps are pure functions `(state, [teacher_params,] batch) -> (state, metrics)`; `compile_step`
+jits them once with explicit shardings and the state donated. Only the student is
+differentiated: the teacher's forward pass (online mode) runs inside the same program under
+`stop_gradient`, or its outputs arrive in the batch (cached mode: `teacher_logits` [B, C] and
+`teacher_cls` [B, M, H] for the M mapped layers). Losses come from `losses.py`, the model from
+`bert.py`; this module wires them and knows nothing of data files, loops or logs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from pkd_jax import bert, losses, partitioning
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+# What a training step reads from a batch: the model inputs, the labels and, cached, the teacher's.
+TRAIN_INPUTS = ("input_ids", "token_type_ids", "attention_mask", "labels", "teacher_logits", "teacher_cls")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer updates done
+    params: Any  # the student's nnx.State of Params (float32 master copy)
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key; step s uses fold_in(rng, s), so resuming replays dropout exactly
+    hparams: dict[str, jax.Array]  # alpha, beta, temperature: float32 scalars (one per student under vmap)
+    # Learned map of the student's [CLS] vectors to the teacher's hidden size ({"kernel", "bias"}),
+    # trained with the student; None when both sizes agree.
+    projection: Any = None
+
+    def trainable(self):
+        """What the optimizer updates: the params, plus the projection when there is one."""
+        return self.params if self.projection is None else (self.params, self.projection)
+
+
+def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int,
+                       alpha: float = 0.0, beta: float = 0.0, temperature: float = 1.0,
+                       projection_to: int | None = None):
+    """(graphdef, state) for a student model; the graphdef is static, the state a pytree.
+
+    projection_to: the teacher's hidden size, when it differs from the student's.
+    """
+    graphdef, params = nnx.split(model, nnx.Param)
+    hparams = {k: jnp.float32(v) for k, v in (("alpha", alpha), ("beta", beta), ("temperature", temperature))}
+    projection = None
+    if projection_to is not None:
+        hidden = model.config.hidden_size
+        init = jax.random.normal(jax.random.PRNGKey(seed), (hidden, projection_to)) * model.config.initializer_range
+        projection = {"kernel": init, "bias": jnp.zeros(projection_to)}
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=None, rng=jax.random.PRNGKey(seed),
+                       hparams=hparams, projection=projection)
+    return graphdef, state.replace(opt_state=tx.init(state.trainable()))
+
+
+def _apply_gradients(state: TrainState, tx, loss_fn) -> tuple[TrainState, jax.Array, Any]:
+    """One optimizer update; `loss_fn(params, projection)` -> (loss, aux)."""
+    def loss_of(trainable):
+        return loss_fn(*(trainable if state.projection is not None else (trainable, None)))
+
+    (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.trainable())
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable())
+    new = optax.apply_updates(state.trainable(), updates)
+    params, projection = new if state.projection is not None else (new, None)
+    state = state.replace(step=state.step + 1, params=params, projection=projection, opt_state=opt_state)
+    return state, loss, (aux, optax.tree.norm(grads))
+
+
+def _accuracy(logits, labels):
+    return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+def make_finetune_step(graphdef, tx: optax.GradientTransformation, *, regression: bool = False):
+    """Plain fine-tuning (teacher, or the FT-baseline student): cross-entropy or MSE."""
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        rng = jax.random.fold_in(state.rng, state.step)
+
+        def loss_fn(params, _):
+            logits = bert.apply(graphdef, params, batch, dropout_key=rng).logits
+            if regression:
+                return jnp.mean(jnp.square(logits[:, 0] - batch["labels"])), logits
+            return losses.cross_entropy(logits, batch["labels"]), logits
+
+        state, loss, (logits, grad_norm) = _apply_gradients(state, tx, loss_fn)
+        metrics = {"loss": loss, "grad_norm": grad_norm}
+        if not regression:
+            metrics["accuracy"] = _accuracy(logits, batch["labels"])
+        return state, metrics
+
+    return step
+
+
+def make_distill_step(graphdef, tx: optax.GradientTransformation, *, layer_map: tuple[int, ...],
+                      teacher_graphdef=None, teacher_dropout: bool = False, normalize: bool = True,
+                      mode: str = "compat", regression: bool = False, distance="mse"):
+    """The PKD step: (1-α)·CE + α·KD(T) + β·patient, α/β/T read from `state.hparams`.
+
+    layer_map: 1-indexed teacher layers matched to student layers 1..k-1 (`losses.layer_map`).
+    teacher_graphdef given: online mode, `step(state, teacher_params, batch)` runs the teacher
+    (with its own dropout when `teacher_dropout`: a differently perturbed view every step).
+    None: cached mode, `step(state, None, batch)` reads `teacher_logits` / `teacher_cls`.
+    """
+    k_minus_1 = len(layer_map)
+    teacher_index = np.asarray(layer_map, np.int32) - 1  # cls[l-1] is after layer l
+
+    def teacher_outputs(teacher_params, batch, rng):
+        if teacher_graphdef is None:
+            return batch["teacher_logits"], jnp.swapaxes(batch["teacher_cls"], 0, 1)
+        out = bert.apply(teacher_graphdef, teacher_params, batch, dropout_key=rng if teacher_dropout else None)
+        return jax.lax.stop_gradient(out.logits), jax.lax.stop_gradient(out.cls[teacher_index])
+
+    def step(state: TrainState, teacher_params, batch: Batch) -> tuple[TrainState, Metrics]:
+        rng = jax.random.fold_in(state.rng, state.step)  # as in fine-tuning: α=β=0 is the FT step
+        t_logits, t_cls = teacher_outputs(teacher_params, batch, jax.random.fold_in(rng, 1))
+        hp = state.hparams
+
+        def loss_fn(params, projection):
+            out = bert.apply(graphdef, params, batch, dropout_key=rng)
+            s_cls = out.cls[:k_minus_1]
+            if projection is not None:
+                s_cls = s_cls @ projection["kernel"] + projection["bias"]
+            loss, terms = losses.pkd_loss(
+                out.logits, t_logits, batch["labels"], s_cls, t_cls,
+                alpha=hp["alpha"], beta=hp["beta"], temperature=hp["temperature"],
+                normalize=normalize, mode=mode, regression=regression, distance=distance)
+            return loss, (terms, out.logits)
+
+        state, loss, ((terms, logits), grad_norm) = _apply_gradients(state, tx, loss_fn)
+        metrics = {"loss": loss, **terms, "grad_norm": grad_norm}
+        if not regression:
+            metrics["accuracy"] = _accuracy(logits, batch["labels"])
+            metrics["agreement"] = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(t_logits, -1))
+        return state, metrics
+
+    return step
+
+
+def make_logits_fn(graphdef) -> Callable[[Any, Batch], jax.Array]:
+    """`(params, batch) -> float32 logits`: the deterministic forward pass of evaluation."""
+    return lambda params, batch: bert.apply(graphdef, params, batch).logits
+
+
+def compile_step(step: Callable, state, mesh, *, fsdp: bool = False) -> Callable:
+    """jit a step once: state sharded per `fsdp` and donated, metrics replicated."""
+    shardings = partitioning.state_sharding(state, mesh, fsdp)
+    return jax.jit(step, donate_argnums=0, out_shardings=(shardings, partitioning.replicated(mesh)))
