@@ -43,7 +43,7 @@ test: $(VENV)/.test
 	$(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 bench: $(VENV)/.test
-	$(PY) -m pkd_jax.bench
+	$(PY) -m benchmarks
 
 clean-venv:
 	rm -rf $(VENV)

@@ -16,8 +16,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -25,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pkd_jax import fsutil
 from pkd_jax.bert import BertConfig, BertForSequenceClassification
 
 log = logging.getLogger(__name__)
@@ -290,17 +289,15 @@ def state_dict(model: BertForSequenceClassification) -> dict[str, np.ndarray]:
 def save_pretrained(model: BertForSequenceClassification, path, tokenizer=None) -> Path:
     """Write a HF folder (config.json, model.safetensors, tokenizer files when known).
 
-    The folder is written beside the target and moved in place at the end, so an
+    The folder is staged beside the target and renamed into place (`fsutil.staged_dir`), so an
     interrupted save never leaves a half-written model where a good one was.
     """
     from safetensors.numpy import save_file
     from transformers import BertConfig as HFBertConfig
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        try:
+        with fsutil.staged_dir(path) as tmp:
             HFBertConfig(**model.config.to_hf_dict()).save_pretrained(tmp)
             save_file(state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
             source = getattr(model, "name_or_path", None)
@@ -308,17 +305,9 @@ def save_pretrained(model: BertForSequenceClassification, path, tokenizer=None) 
                 tokenizer = load_tokenizer(source)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-        except OSError as e:  # e.g. a full disk; the previous export (if any) is untouched
-            raise CheckpointError(f"{path}: writing the model failed ({e}); the previous export, "
-                                  "if any, is intact") from e
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:  # e.g. a full disk; the previous export (if any) is untouched
+        raise CheckpointError(f"{path}: writing the model failed ({e}); the previous export, "
+                              "if any, is intact") from e
     return path
 
 

@@ -19,13 +19,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pkd_jax import bert, losses, partitioning
+from pkd_jax import bert, data, losses, partitioning
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 # What a training step reads from a batch: the model inputs, the labels and, cached, the teacher's.
-TRAIN_INPUTS = ("input_ids", "token_type_ids", "attention_mask", "labels", "teacher_logits", "teacher_cls")
+TRAIN_INPUTS = (*data.MODEL_INPUTS, "labels", "teacher_logits", "teacher_cls")
 
 
 @flax.struct.dataclass

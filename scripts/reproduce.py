@@ -44,7 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ lives at the repo root, beside run.py
 from configs import finetune, sweep as sweep_config
-from pkd_jax import bert, checkpoints, data, metrics, report, sweep, train
+from pkd_jax import bert, checkpoints, data, fsutil, metrics, report, sweep, train
 
 METHODS = ("FT", "KD", "PKD-Last", "PKD-Skip")
 
@@ -144,13 +144,13 @@ def run_teacher(task, args, out: Path) -> Path:
     return workdir
 
 
-def run_sweep(config, workdir: Path, report_only: bool) -> dict:
+def finished_sweep(config, workdir: Path, report_only: bool) -> dict:
     done = _finished(workdir)
     if done is None:
         if report_only:
             raise Unfinished(workdir)
         print(f"[reproduce] {config.task}: {workdir} ({len(sweep.grid(config))} students)", flush=True)
-        done = sweep.run_sweep(config, workdir)
+        done = sweep.train_grid(config, workdir)
     return done
 
 
@@ -176,7 +176,7 @@ def run_method(task, k, method, teacher_dir: Path, args, out: Path, tuned: dict 
     if tuned is None:
         grid = method_grid(method, args)
         first, rest = args.seeds[:1], args.seeds[1:]
-        results = run_sweep(student_config(task, k, method, teacher_dir, args, grid, first), base / "grid", args.report_only)
+        results = finished_sweep(student_config(task, k, method, teacher_dir, args, grid, first), base / "grid", args.report_only)
         best = {key: results["best"][key] for key in ("temperature", "alpha", "beta")}
         rows = [r for r in _rows(base / "grid") if all(r[key] == value for key, value in best.items())]
         grid_size, model = results["students"], base / "grid" / "best_model"
@@ -186,7 +186,7 @@ def run_method(task, k, method, teacher_dir: Path, args, out: Path, tuned: dict 
         source = tuned["source"]
     point = {"temperatures": (best["temperature"],), "alphas": (best["alpha"],), "betas": (best["beta"],)}
     if rest:
-        run_sweep(student_config(task, k, method, teacher_dir, args, point, rest), base / "seeds", args.report_only)
+        finished_sweep(student_config(task, k, method, teacher_dir, args, point, rest), base / "seeds", args.report_only)
         rows += _rows(base / "seeds")
     return {"workdir": str(base), "model": str(model), "point": best, "grid_size": grid_size, "source": source,
             "seeds": [int(r["seed"]) for r in rows],
@@ -366,8 +366,8 @@ def main(argv=None) -> int:
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     text = markdown(summary, args, command)
     out.mkdir(parents=True, exist_ok=True)
-    train.write_atomic(out / "results.md", text)
-    train.write_atomic(out / "results.json", json.dumps(summary, indent=1) + "\n")
+    fsutil.write_text(out / "results.md", text)
+    fsutil.write_text(out / "results.json", json.dumps(summary, indent=1) + "\n")
     print(text, flush=True)
     return 0
 

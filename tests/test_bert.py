@@ -98,12 +98,18 @@ def test_dropout_needs_key_and_is_reproducible(minilm_dir, batch):
     model = checkpoints.load_pretrained(minilm_dir, num_layers=2)
     with pytest.raises(ValueError, match="dropout key"):
         _run(model, batch, deterministic=False)
-    a = _run(model, batch, deterministic=False, rngs=jax.random.key(0)).logits
-    b = _run(model, batch, deterministic=False, rngs=jax.random.key(0)).logits
-    c = _run(model, batch, deterministic=False, rngs=jax.random.key(1)).logits
+    a = _run(model, batch, deterministic=False, dropout_key=jax.random.key(0)).logits
+    b = _run(model, batch, deterministic=False, dropout_key=jax.random.key(0)).logits
+    c = _run(model, batch, deterministic=False, dropout_key=jax.random.key(1)).logits
     d = _run(model, batch).logits
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c) and not np.allclose(a, d)
+    with pytest.warns(DeprecationWarning, match="dropout_key"):  # the old name, for one release
+        old = _run(model, batch, deterministic=False, rngs=jax.random.key(0)).logits
+    np.testing.assert_array_equal(old, a)
+    graphdef, params = nnx.split(model, nnx.Param)
+    np.testing.assert_array_equal(bert.apply(graphdef, params, batch, dropout_key=jax.random.key(0)).logits, a)
+    np.testing.assert_array_equal(bert.apply(graphdef, params, batch).logits, d)
 
 
 def test_attention_equals_jax_dot_product_attention(minilm_dir):
@@ -123,7 +129,7 @@ def test_remat_gives_the_same_gradients(minilm_dir, batch):
         graphdef, params = nnx.split(model, nnx.Param)
 
         def loss(p):
-            logits = _run(nnx.merge(graphdef, p), batch, deterministic=False, rngs=jax.random.key(0)).logits
+            logits = _run(nnx.merge(graphdef, p), batch, deterministic=False, dropout_key=jax.random.key(0)).logits
             return logits.sum()
 
         return jax.tree.leaves(jax.jit(jax.grad(loss))(params))

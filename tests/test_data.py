@@ -18,6 +18,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from pkd_jax import data
+from pkd_jax.data import tokenization
 
 GLUE = Path(__file__).parents[2] / "shared" / "glue"
 
@@ -400,7 +401,7 @@ def test_tokenize_cache(tokenizer, tmp_path, monkeypatch):
 
     def no_encoding(*args):
         raise AssertionError("tokenised again instead of reading the cache")
-    monkeypatch.setattr(data, "_encode", no_encoding)
+    monkeypatch.setattr(tokenization, "_encode", no_encoding)
     again = data.tokenize(ds, tokenizer, 128, tmp_path)
     assert again.fingerprint == first.fingerprint and again.num_truncated == first.num_truncated
     for name in ("input_ids", "token_type_ids", "lengths", "labels", "idx"):

@@ -26,7 +26,7 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file
 
-from pkd_jax import checkpoints, data, partitioning, train
+from pkd_jax import checkpoints, data, evaluate, partitioning, steps
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = [
@@ -88,7 +88,7 @@ def test_student_beats_its_untrained_self(runs, glue_dir, tokenizer):
     student = checkpoints.load_pretrained("minilm-l6", num_labels=2, num_layers=3, seed=0)
     graphdef, params = nnx.split(student, nnx.Param)
     dev = data.tokenize(data.load_split("sst2", "validation", glue_dir).select(range(400)), tokenizer, 64)
-    untrained = train.evaluate(jax.jit(train.make_eval_step(graphdef)), params, dev, "sst2",
+    untrained = evaluate.evaluate(jax.jit(steps.make_logits_fn(graphdef)), params, dev, "sst2",
                                partitioning.make_mesh(), 128)["accuracy"]
     trained = _results(runs["a"])["metrics"]["accuracy"]
     assert trained > untrained + 0.15 and trained > 0.7, (untrained, trained)

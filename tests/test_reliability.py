@@ -22,7 +22,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from configs import finetune, pkd
-from pkd_jax import bert, checkpoints, data, train
+from pkd_jax import bert, checkpoints, data, setup, steps, train
 from pkd_jax.checkpoints import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def test_config_values_are_checked_before_any_work(glue_dir):
     c = pkd.get_config(f"task=rte,teacher=x,model=minilm-l6,glue_dir={glue_dir},runlocal")
     c.strategy = "jump"
     with pytest.raises(ValueError, match=r"config\.strategy='jump'"):
-        train.check_config(c)
+        setup.check_config(c)
     with pytest.raises(ValueError, match="unknown config arg 'lr'"):
         finetune.get_config("task=rte,lr=3")
 
@@ -120,7 +120,7 @@ def _distill_config(glue_dir, teacher, **fields):
 
 def test_teacher_problems_are_named(glue_dir, tokenizer, minilm_dir, tmp_path):
     with pytest.raises(CheckpointError, match="no such model folder"):
-        train.prepare(_distill_config(glue_dir, tmp_path / "missing"))
+        setup.prepare(_distill_config(glue_dir, tmp_path / "missing"))
     other = tmp_path / "other_vocab"
     shutil.copytree(minilm_dir, other)
     (other / "tokenizer.json").unlink()
@@ -130,13 +130,13 @@ def test_teacher_problems_are_named(glue_dir, tokenizer, minilm_dir, tmp_path):
     from transformers import AutoTokenizer
     _teacher_folder(tmp_path / "t_vocab", AutoTokenizer.from_pretrained(str(other)))
     with pytest.raises(ValueError, match="different vocabularies"):
-        train.prepare(_distill_config(glue_dir, tmp_path / "t_vocab"))
+        setup.prepare(_distill_config(glue_dir, tmp_path / "t_vocab"))
 
 
 def test_hidden_size_mismatch_needs_the_projection(glue_dir, tokenizer, tmp_path):
     teacher = _teacher_folder(tmp_path / "t96", tokenizer, hidden=96)
     with pytest.raises(ValueError, match=r"hidden size 96 != student hidden size 384.*projection=True"):
-        train.prepare(_distill_config(glue_dir, teacher))
+        setup.prepare(_distill_config(glue_dir, teacher))
     results = train.train_and_evaluate(_distill_config(glue_dir, teacher, projection=True), tmp_path / "w")
     assert results["total_steps"] == 4
     logged = [json.loads(l) for l in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
@@ -147,7 +147,7 @@ def test_hidden_size_mismatch_needs_the_projection(glue_dir, tokenizer, tmp_path
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(glue_dir, tmp_path, monkeypatch):
-    real = train.make_finetune_step
+    real = steps.make_finetune_step
 
     def poisoned(*args, **kwargs):
         step = real(*args, **kwargs)
@@ -159,12 +159,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(glue_dir, tmp_path, m
             return new.replace(params=params), dict(m, loss=jnp.where(bad, jnp.nan, m["loss"]))
         return wrapped
 
-    monkeypatch.setattr(train, "make_finetune_step", poisoned)
+    monkeypatch.setattr(steps, "make_finetune_step", poisoned)
     with pytest.raises(FloatingPointError, match=r"loss is nan at step 12 \(batch of training examples idx \[\d+"):
         train.train_and_evaluate(_config(glue_dir), tmp_path)
     ckpt = checkpoints.TrainCheckpointer(tmp_path / "checkpoints")
     assert ckpt.all_steps() == [10]
-    step, state, _ = ckpt.restore_latest(train.create_train_state(
+    step, state, _ = ckpt.restore_latest(steps.create_train_state(
         checkpoints.load_pretrained("minilm-l6", num_labels=2, num_layers=2), _optimizer(), 0)[1])
     assert step == 10 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 

@@ -1,4 +1,4 @@
-"""The run report on synthetic workdirs with hand-chosen numbers (no training)."""
+"""The report on synthetic run and sweep workdirs with hand-chosen numbers (no training)."""
 
 import json
 import math
@@ -9,6 +9,7 @@ from flax import nnx
 from matplotlib import image
 
 from pkd_jax import bert, checkpoints, report
+from pkd_jax.sweep import plan
 
 # name: (kind, config.layers, model layers, beta, strategy, best score, best step, train ex/s)
 RUNS = {
@@ -202,3 +203,99 @@ def test_speed_columns(tmp_path, capsys):
         rows["pkd3"]["infer_examples_per_s"] / rows["teacher"]["infer_examples_per_s"])
     assert "Infer ex/s" in stdout and "Speed-up" in stdout and "1.00×" in stdout
     assert "batch 4 x 16 tokens" in (out / "report.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps: sweep.csv -> rows -> sweep.md, heatmap.png and the CLI (no training)
+# --------------------------------------------------------------------------------------------
+
+# (T, β, best step, best accuracy, failed at step): one seed, lr 2e-5, α 0.5.
+STUDENTS = [(5.0, 10.0, 100, 0.875, None), (5.0, 100.0, 200, 0.91, None),
+            (10.0, 10.0, 100, 0.5, 150),  # failed after an evaluation: keeps its score
+            (10.0, 100.0, None, None, 20)]  # failed before any evaluation
+SWEEP_HEADER = "| Rank | Student | Seed | Learning rate | T | α | β | Dev Accuracy | Best step | Status |"
+SWEEP_LINES = [  # best first; the unevaluated student last
+    "| ★ **1** | **1** | **0** | **2e-05** | **5** | **0.5** | **100** | **91.0** | **200** | **ok** |",
+    "| 2 | 0 | 0 | 2e-05 | 5 | 0.5 | 10 | 87.5 | 100 | ok |",
+    "| 3 | 2 | 0 | 2e-05 | 10 | 0.5 | 10 | 50.0 | 100 | failed (NaN at step 150) |",
+    "| 4 | 3 | 0 | 2e-05 | 10 | 0.5 | 100 | – | – | failed (NaN at step 20) |",
+]
+
+
+def sweep_rows() -> list[dict]:
+    """The rows the sweep records for STUDENTS (chunks of two)."""
+    rows = []
+    for i, (t, beta, step, acc, failed) in enumerate(STUDENTS):
+        best = None if step is None else {"step": step, "metrics": {"accuracy": acc, "score": acc}}
+        last = None if step is None else {"step": 300, "metrics": {"accuracy": acc - 0.01, "score": acc - 0.01}}
+        tracked = {"best": best, "last": last, "failed": None if failed is None else {"step": failed, "loss": math.nan}}
+        rows.append(plan.student_row(i // 2, plan.Point(i, 0, 2e-5, t, 0.5, beta), tracked))
+    return rows
+
+
+def make_sweep(workdir: Path) -> Path:
+    """A sweep workdir as far as the report reads it: sweep.csv and config.json."""
+    workdir.mkdir(parents=True)
+    (workdir / "sweep.csv").write_text(plan.csv_table(sweep_rows()))
+    (workdir / "config.json").write_text(json.dumps({"task": "sst2"}))
+    return workdir
+
+
+def test_read_sweep_rows_round_trips_csv_table(tmp_path):
+    rows = sweep_rows()
+    (tmp_path / "sweep.csv").write_text(plan.csv_table(rows))
+    read = report.read_sweep_rows(tmp_path / "sweep.csv")
+    assert read == rows
+    assert [type(r["student"]) for r in read] == [int] * 4 and read[0]["learning_rate"] == 2e-5
+    assert read[2]["status"] == "failed" and read[2]["failed_step"] == 150 and read[2]["metrics"] == {"accuracy": 0.5}
+    assert read[3]["score"] is None and read[3]["best_step"] is None and read[3]["metrics"] == {}
+
+
+def test_write_sweep_report(tmp_path):
+    w = make_sweep(tmp_path / "sweep")
+    assert report.write_sweep_report(w) == w / "sweep.md"
+    md = (w / "sweep.md").read_text().splitlines()
+    assert md[0] == "# SST-2: hyper-parameter sweep (4 students)"
+    assert md[2] == ("Best (★, exported to `best_model/`): dev Accuracy 91.0 at step 200 "
+                     "(student 1: T=5, alpha=0.5, beta=100, lr=2e-05, seed 0).")
+    table = [line for line in md if line.startswith("|")]
+    assert table[0] == SWEEP_HEADER and table[2:] == SWEEP_LINES  # one line per student
+    assert "![heatmap](heatmap.png)" in md
+    shape = _png_shape(w / "heatmap.png")
+    assert len(shape) == 3 and shape[0] > 200 and shape[1] > 400
+
+
+def test_cli_renders_a_sweep_workdir(tmp_path, capsys):
+    w = make_sweep(tmp_path / "sweep")
+    assert report.main([str(w)]) == 0
+    stdout = capsys.readouterr().out.splitlines()
+    assert stdout[0] == f"## SST-2 sweep: {w}"
+    assert stdout[2] == SWEEP_HEADER and stdout[4:8] == SWEEP_LINES
+    assert (w / "sweep.md").read_text().count("| 2 | 0 | 0 | 2e-05 |") == 1
+    assert _png_shape(w / "heatmap.png")[0] > 200
+    assert not list(tmp_path.rglob("report.md"))  # no runs: no run report
+
+
+def test_cli_mixes_sweeps_and_runs(workdirs, tmp_path, capsys):
+    w = make_sweep(tmp_path / "sweep")
+    (w / "results.json").write_text(json.dumps({"task": "sst2", "kind": "sweep", "metric": "accuracy"}))
+    with pytest.raises(report.RunError, match=f"{w}: a sweep workdir, not a run"):
+        report.load_run(w)
+    out = tmp_path / "out"
+    assert report.main([str(workdirs[0]), str(w), *map(str, workdirs[1:]), "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert SWEEP_LINES[0] in stdout and "| kd3 | KD-3 |" in stdout
+    assert stdout.index("## SST-2 sweep") < stdout.index("## MRPC")
+    md = (out / "report.md").read_text()
+    assert "## MRPC" in md and "SST-2" not in md and "sweep" not in md
+    assert (w / "sweep.md").exists() and (w / "heatmap.png").exists()
+
+
+def test_sweep_without_sweep_csv_is_a_clear_error(tmp_path, capsys):
+    w = tmp_path / "sweep"
+    w.mkdir()
+    (w / "config.json").write_text(json.dumps({"task": "sst2", "kind": "sweep"}))
+    (w / "metrics.jsonl").write_text("")
+    assert report.is_sweep(w)
+    assert report.main([str(w)]) == 2
+    assert f"{w}: a sweep workdir without sweep.csv" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from configs import sweep as sweep_config
-from pkd_jax import checkpoints, data, losses, optim, partitioning, sweep, train
+from pkd_jax import checkpoints, data, losses, optim, partitioning, report, setup, steps, sweep, train
 from pkd_jax.bert import BertConfig, BertForSequenceClassification
 
 PARAM_ATOL, PARAM_RTOL = 1e-5, 1e-4
@@ -59,7 +59,8 @@ def swept(tmp_path_factory, glue_dir, minilm_dir):
     runner = sweep.Sweep(config, root / "sweep")
     assert runner.plan.chunks == [[0, 1]]
     final = runner.train_chunk(0).state
-    results = runner.run()  # the chunk is done: writes the tables, heatmap and results only
+    # The chunk is done: writes the tables and results only; run.py's report hook adds sweep.md and the heatmap.
+    results = runner.run(on_progress=report.write_sweep_report)
     singles = [train.train_and_evaluate(sweep.point_config(config, p), root / f"single{p.student}")
                for p in runner.points]
     single_states = []
@@ -126,7 +127,7 @@ def test_best_model_is_the_best_students_best_parameters(swept):
 
 def test_rerun_of_a_finished_sweep_trains_nothing(swept, monkeypatch):
     monkeypatch.setattr(sweep.Sweep, "train_chunk", lambda *a: pytest.fail("retrained a finished chunk"))
-    assert sweep.run_sweep(swept["config"], swept["workdir"]) == swept["results"]
+    assert sweep.train_grid(swept["config"], swept["workdir"]) == swept["results"]
 
 
 def test_interrupted_chunk_resumes_and_a_nan_student_fails_alone(swept, glue_dir, minilm_dir, monkeypatch):
@@ -150,7 +151,7 @@ def test_interrupted_chunk_resumes_and_a_nan_student_fails_alone(swept, glue_dir
 
     final = jax.device_get(runner.train_chunk(0).state)  # the same command again: resumes at step 2
     _assert_params_close(_student(final, 0).params, _student(jax.device_get(swept["final"]), 0).params)
-    results = runner.run()
+    results = runner.run(on_progress=report.write_sweep_report)
 
     rows = {int(r["student"]): r for r in csv.DictReader((workdir / "sweep.csv").open())}
     fixture_row = next(csv.DictReader((swept["workdir"] / "sweep.csv").open()))
@@ -202,14 +203,14 @@ def test_vmapped_step_equals_separate_steps():
         return tx, BertForSequenceClassification(TINY, rngs=nnx.Rngs(0))
 
     tx, model = student(1.0)  # the stacked students' learning rates are set per student
-    graphdef, base = train.create_train_state(model, tx, seed=0)
-    step = train.make_distill_step(graphdef, tx, layer_map=LAYER_MAP)
-    single = train.compile_step(step, base, mesh)
+    graphdef, base = steps.create_train_state(model, tx, seed=0)
+    step = steps.make_distill_step(graphdef, tx, layer_map=LAYER_MAP)
+    single = steps.compile_step(step, base, mesh)
     expected = []
     for p in POINTS:
         own_tx, model = student(p.learning_rate)
-        _, state = train.create_train_state(model, own_tx, seed=0, **p.hparams)
-        state = train.place(state, mesh)
+        _, state = steps.create_train_state(model, own_tx, seed=0, **p.hparams)
+        state = partitioning.place_state(state, mesh)
         for _ in range(2):
             state, m = single(state, None, partitioning.shard_batch(batch, mesh))
         expected.append((jax.device_get(state).params, float(m["loss"])))
@@ -221,7 +222,7 @@ def test_vmapped_step_equals_separate_steps():
         kernel = stacked.params["classifier"]["kernel"][...]
         assert kernel.sharding.shard_shape(kernel.shape)[0] == (1 if shard_students else len(points))
         vstep = sweep.compile_students_step(step, stacked, mesh, shard_students=shard_students)
-        place = sweep._replicate_batch if shard_students else partitioning.shard_batch
+        place = sweep.replicate_batch if shard_students else partitioning.shard_batch
         for _ in range(2):
             stacked, m = vstep(stacked, None, place(batch, mesh))
         stacked = jax.device_get(stacked)
@@ -247,7 +248,7 @@ def test_default_grid_is_the_papers(minilm_dir):
     single = sweep.point_config(c, points[5])
     assert (single.kind, single.temperature, single.alpha, single.beta) == ("distill", 5.0, 0.5, 100.0)
     assert "alphas" not in single and "alpha" not in c
-    train.check_config(single)
+    setup.check_config(single)
 
 
 def test_chunks_hold_one_seed():

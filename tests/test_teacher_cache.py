@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pkd_jax import bert, checkpoints, data, partitioning, teacher_cache, train
+from pkd_jax import bert, checkpoints, data, partitioning, teacher_cache
 
 N = 40  # RTE dev rows: 3 batches of 16, the last one padded with weight-0 rows
 BATCH = 16  # divisible by the 8 devices
@@ -52,7 +52,7 @@ def direct(teacher, tok):
     mask = np.arange(tok.max_seq_length) < tok.lengths[:, None]
     batch = {"input_ids": tok.input_ids, "token_type_ids": tok.token_type_ids,
              "attention_mask": mask.astype(np.int32)}
-    out = jax.jit(lambda p, b: train.forward(graphdef, p, b))(params, batch)
+    out = jax.jit(lambda p, b: bert.apply(graphdef, p, b))(params, batch)
     return np.asarray(out.logits), np.asarray(out.cls[np.array(LAYER_MAP) - 1]).transpose(1, 0, 2)
 
 

@@ -1,4 +1,5 @@
-"""Smoke tests of the benchmark: tiny shapes, the JSON contract, consistent figures (no timings)."""
+"""Smoke tests of the benchmarks (`python -m benchmarks`): tiny shapes, the JSON contract, consistent
+figures (no timings). `benchmarks` is imported from the repository root, like `configs`."""
 
 import contextlib
 import gzip
@@ -8,13 +9,18 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from pkd_jax import bench, checkpoints, losses, train
+from benchmarks import __main__ as cli, common, sweep as sweep_suite, torch_peer
+from configs import sweep as sweep_config
+from pkd_jax import bert, checkpoints, losses, sweep
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY = ["--model=bert-tiny", "--teacher-layers=4", "--student-layers=2", "--batch-size=8",
         "--seq-len=32", "--repeats=2", "--warmup=1"]
@@ -24,11 +30,11 @@ STEP_KEYS = ("name", "step_s_median", "examples_per_s", "tflops_per_s", "mfu", "
 
 @pytest.fixture(scope="module")
 def run_all(glue_dir):
-    """Every suite once, as `python -m pkd_jax.bench all ... --json` would: (stdout, results)."""
+    """Every suite once, as `python -m benchmarks all ... --json` would: (stdout, results)."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        results = bench.main(["all", *TINY, "--layers=2,1", "--max-examples=512",
-                              f"--glue-dir={glue_dir}", "--json"])
+        results = cli.main(["all", *TINY, "--layers=2,1", "--max-examples=512",
+                            f"--glue-dir={glue_dir}", "--json"])
     return out.getvalue(), results
 
 
@@ -75,9 +81,9 @@ def test_train_suite_times_three_steps_and_the_peer(run_all):
     online, cached = train_lines["pkd_online"], train_lines["pkd_cached"]
     assert (online["teacher_layers"], online["student_layers"]) == (4, 2)
     # The online step adds the teacher's forward pass to the same student's 3 passes.
-    config = bench.RANDOM_SIZES["bert-tiny"]
+    config = common.RANDOM_SIZES["bert-tiny"]
     assert online["flops_per_example"] - cached["flops_per_example"] == pytest.approx(
-        bench.forward_flops(config, 4, 32))
+        common.forward_flops(config, 4, 32))
     assert cached["flops_per_example"] == train_lines["finetune"]["flops_per_example"]
     assert cached["vs_online_step_time"] == pytest.approx(
         cached["step_s_median"] / online["step_s_median"])
@@ -107,8 +113,8 @@ def test_efficiency_table(run_all):
     # Embeddings are the same tables in both: the difference is one encoder layer.
     assert (deep["params_total"] - shallow["params_total"]
             == deep["params_no_embeddings"] - shallow["params_no_embeddings"])
-    assert deep["batch_size"] == 8 and deep["flops_per_example"] == bench.forward_flops(
-        bench.RANDOM_SIZES["bert-tiny"], 2, 32)
+    assert deep["batch_size"] == 8 and deep["flops_per_example"] == common.forward_flops(
+        common.RANDOM_SIZES["bert-tiny"], 2, 32)
 
 
 def test_input_suite_compares_with_the_fastest_step(run_all):
@@ -130,11 +136,11 @@ def test_forward_flops_of_bert_base():
     # 11 full layers: 11·(2·128·(4·768² + 2·768·3072) + 4·128²·768); the top layer's keys and
     # values over 128 rows, its query, output and FFN on the [CLS] row: 2·128·2·768²
     # + 2·(2·768² + 2·768·3072) + 4·128·768; pooler and classifier: 2·768² + 2·768·2.
-    config = bench.RANDOM_SIZES["bert-base"]
-    assert bench.forward_flops(config, 12, 128) == 20_800_343_040
-    assert bench.train_flops(config, 6, 12, 128) == (
-        3 * bench.forward_flops(config, 6, 128) + bench.forward_flops(config, 12, 128))
-    assert bench.train_flops(config, 6, None, 128) == 3 * bench.forward_flops(config, 6, 128)
+    config = common.RANDOM_SIZES["bert-base"]
+    assert common.forward_flops(config, 12, 128) == 20_800_343_040
+    assert common.train_flops(config, 6, 12, 128) == (
+        3 * common.forward_flops(config, 6, 128) + common.forward_flops(config, 12, 128))
+    assert common.train_flops(config, 6, None, 128) == 3 * common.forward_flops(config, 6, 128)
 
 
 @pytest.mark.parametrize("kind, peak", [
@@ -143,43 +149,43 @@ def test_forward_flops_of_bert_base():
     ("TPU v5p", 459.0), ("TPU v6 lite", 918.0), ("cpu", None),
 ])
 def test_peak_table(kind, peak):
-    assert bench.table_peak(kind) == peak
+    assert common.table_peak(kind) == peak
 
 
 def test_cli_defaults_and_validation():
-    args = bench.parse_args([])
+    args = cli.parse_args([])
     assert (args.suite, args.teacher, args.dtype, args.seq_len) == ("all", "both", "auto", 128)
     assert args.glue_dir.parts[-2:] == ("shared", "glue")
     with pytest.raises(SystemExit):
-        bench.parse_args(["train", "--batch-size=0"])
+        cli.parse_args(["train", "--batch-size=0"])
     with pytest.raises(SystemExit):
-        bench.parse_args(["nonsense"])
+        cli.parse_args(["nonsense"])
 
 
 def test_torch_peer_loss_equals_jax_pkd_loss():
     """The peer optimises the same objective: identical weights give the same loss."""
     import torch
 
-    spec = bench.resolve_model("bert-tiny", 4)
-    layer_map = bench.pkd_layer_map(4, 2)
-    batch = bench.synthetic_batch(spec.config, 8, 16, cached_layers=len(layer_map))
-    jax_models = [bench.build_model(spec, n, "float32", pretrained=False, seed=n) for n in (4, 2)]
-    teacher, student = bench._torch_models(spec, 4, 2, torch.device("cpu"))
+    spec = common.resolve_model("bert-tiny", 4)
+    layer_map = common.pkd_layer_map(4, 2)
+    batch = common.synthetic_batch(spec.config, 8, 16, cached_layers=len(layer_map))
+    jax_models = [common.build_model(spec, n, "float32", pretrained=False, seed=n) for n in (4, 2)]
+    teacher, student = torch_peer._torch_models(spec, 4, 2, torch.device("cpu"))
     for jax_model, torch_model in zip(jax_models, (teacher, student)):
         state = {k: torch.tensor(v) for k, v in checkpoints.state_dict(jax_model).items()}
         result = torch_model.load_state_dict(state, strict=False)
         assert not result.unexpected_keys
         assert all(k.endswith("_ids") for k in result.missing_keys)  # buffers, not weights
     student.eval()  # no dropout, to compare
-    step = bench.make_torch_pkd_step(teacher, student, batch, layer_map, cached=False,
-                                     compile_=False, bf16=False)
+    step = torch_peer.make_torch_pkd_step(teacher, student, batch, layer_map, cached=False,
+                                          compile_=False, bf16=False)
     torch_loss = float(step())
 
-    t_out, s_out = (train.forward(*nnx.split(m, nnx.Param), batch) for m in jax_models)
+    t_out, s_out = (bert.apply(*nnx.split(m, nnx.Param), batch) for m in jax_models)
     index = np.asarray(layer_map) - 1
     jax_loss, _ = losses.pkd_loss(s_out.logits, t_out.logits, batch["labels"], s_out.cls[:1],
-                                  t_out.cls[index], alpha=bench.ALPHA, beta=bench.BETA,
-                                  temperature=bench.TEMPERATURE)
+                                  t_out.cls[index], alpha=common.ALPHA, beta=common.BETA,
+                                  temperature=common.TEMPERATURE)
     assert torch_loss == pytest.approx(float(jax_loss), rel=1e-4)
 
 
@@ -187,10 +193,10 @@ def test_python_m_entry_point(tmp_path):
     """The documented command line, in a fresh process (one CPU device, a 1-layer student)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PKD_JAX_CACHE": str(tmp_path)}
     proc = subprocess.run(
-        [sys.executable, "-m", "pkd_jax.bench", "efficiency", "--model=bert-tiny", "--layers=1",
+        [sys.executable, "-m", "benchmarks", "efficiency", "--model=bert-tiny", "--layers=1",
          "--batch-size=8", "--seq-len=16", "--repeats=1", "--warmup=0", "--peak-tflops=2",
          "--json"],
-        capture_output=True, text=True, env=env, timeout=120, check=True)
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=120, check=True)
     (line,) = [json.loads(x) for x in proc.stdout.splitlines()]
     assert line["name"] == "inference_bert_1" and _positive(line["examples_per_s"])
     assert (line["peak_tflops"], line["peak_source"]) == (2.0, "flag")
@@ -200,7 +206,7 @@ def test_python_m_entry_point(tmp_path):
 def test_sweep_suite_compares_vmapped_with_sequential_students():
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        results = bench.main(["sweep", *TINY, "--students=2", "--json"])
+        results = cli.main(["sweep", *TINY, "--students=2", "--json"])
     assert [json.loads(line) for line in out.getvalue().splitlines()] == json.loads(json.dumps(results))
     lines = {line["name"]: line for line in results}
     assert set(lines) == {"sequential", "vmapped"}
@@ -210,7 +216,7 @@ def test_sweep_suite_compares_vmapped_with_sequential_students():
         assert (line["teacher_layers"], line["student_layers"]) == (4, 2)
         assert line["students_examples_per_s"] == pytest.approx(2 * 8 / line["step_s_median"])
         # Both time two students' steps on the same batch: the same FLOPs per example.
-        assert line["flops_per_example"] == 2 * bench.train_flops(bench.RANDOM_SIZES["bert-tiny"], 2, None, 32)
+        assert line["flops_per_example"] == 2 * common.train_flops(common.RANDOM_SIZES["bert-tiny"], 2, None, 32)
         assert _positive(line["compile_s"]) and _positive(line["mfu"])
     assert vmapped["speedup"] == pytest.approx(sequential["step_s_median"] / vmapped["step_s_median"])
     assert "targets" not in vmapped  # the 2x target is for accelerators
@@ -220,7 +226,7 @@ def test_sweep_suite_compares_vmapped_with_sequential_students():
 def test_profile_traces_each_timed_step(tmp_path):
     """--profile DIR: a jax.profiler trace per step, holding the XLA ops of that step."""
     with contextlib.redirect_stdout(io.StringIO()):
-        results = bench.main(["train", *TINY, "--teacher=cached", "--profile", str(tmp_path), "--json"])
+        results = cli.main(["train", *TINY, "--teacher=cached", "--profile", str(tmp_path), "--json"])
     jax_lines = [line for line in results if line["framework"] == "jax"]
     assert [line["name"] for line in jax_lines] == ["finetune", "pkd_cached"]
     for line in jax_lines:
@@ -233,3 +239,16 @@ def test_profile_traces_each_timed_step(tmp_path):
         names = {e.get("name", "") for e in events}
         assert any("fusion" in n or n.startswith("dot") for n in names)  # the step's XLA ops
     assert all("trace_dir" not in line for line in results if line["framework"] != "jax")
+
+
+def test_sweep_suite_points_are_the_grid_of_configs_sweep():
+    """The students cycle through the grid of configs/sweep.py: every point once, all different."""
+    grid = sweep.grid(sweep_config.get_config())
+    assert len(grid) == 36  # the paper's T x alpha x beta
+    points = sweep_suite.sweep_points(len(grid))
+    assert [p.hparams for p in points] == [p.hparams for p in grid]
+    assert [p.student for p in points] == list(range(len(grid)))
+    assert {p.learning_rate for p in points} == set(sweep_suite.LEARNING_RATES)
+    assert sweep_suite.sweep_points(2) == points[:2]
+    more = sweep_suite.sweep_points(3 * len(grid))
+    assert len({(p.learning_rate, p.temperature, p.alpha, p.beta) for p in more}) == 3 * len(grid)

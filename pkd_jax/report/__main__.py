@@ -1,0 +1,5 @@
+import sys
+
+from pkd_jax.report.cli import main
+
+sys.exit(main())

@@ -1,0 +1,47 @@
+"""The report's files: report.md with each task's table and plots, and a sweep's sweep.md and
+heatmap.png (written into the sweep workdir, where run.py also writes them after each chunk)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from pkd_jax import fsutil
+from pkd_jax.report.plots import plot_curves, plot_heatmap, plot_summary
+from pkd_jax.report.runs import Row, Run, by_task, task_order, task_title
+from pkd_jax.report.tables import markdown_report, read_sweep, task_table
+
+
+def write_report(runs: Sequence[Run], rows: Sequence[Row], out: str | os.PathLike,
+                 speed_note: str | None = None) -> Path:
+    """report.md with each task's table and plots (written next to it) in DIR `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows_by_task = by_task(rows)
+    sections = ["# Run comparison", "Dev-set metrics ×100 at each run's best step (the exported model). "
+                "% of teacher: the row's main metric / its teacher's."]
+    if speed_note:
+        sections.append(speed_note)
+    unfinished = [r for r in runs if not r.finished]
+    if unfinished:
+        sections.append("Unfinished (no results.json; curves only): "
+                        + ", ".join(f"{r.name} (`{r.path}`)" for r in unfinished))
+    for task in sorted({r.task for r in runs}, key=task_order):
+        task_runs = [r for r in runs if r.task == task]
+        section = [f"## {task_title(task)}"]
+        if task in rows_by_task:
+            section.append(task_table(rows_by_task[task]))
+            section.append(f"![summary]({plot_summary(rows_by_task[task], out).name})")
+        if any(r.history for r in task_runs):
+            section.append(f"![curves]({plot_curves(task_runs, out).name})")
+        sections.append("\n\n".join(section))
+    return fsutil.write_text(out / "report.md", "\n\n".join(sections) + "\n")
+
+
+def write_sweep_report(workdir: str | os.PathLike) -> Path:
+    """sweep.md and heatmap.png of a sweep workdir, from its sweep.csv and config.json; returns sweep.md."""
+    workdir = Path(workdir)
+    rows, task = read_sweep(workdir)
+    plot_heatmap(rows, task, workdir / "heatmap.png")
+    return fsutil.write_text(workdir / "sweep.md", markdown_report(rows, task))

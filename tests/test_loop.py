@@ -1,0 +1,37 @@
+"""The loop's schedule and metrics log (the loop itself runs in every end-to-end test: single runs
+in test_reliability/test_pipeline, sweep chunks in test_sweep)."""
+
+import json
+
+from pkd_jax import loop
+
+
+def test_schedule_evaluates_at_epochs_intervals_and_the_end_then_saves_then_logs():
+    s = loop.Schedule(steps_per_epoch=10, total=25, eval_every=4, checkpoint_every=3, log_every=2)
+    actions = {step: s.action(step) for step in range(1, 26)}
+    assert [k for k, v in actions.items() if v == "evaluate"] == [4, 8, 10, 12, 16, 20, 24, 25]
+    assert [k for k, v in actions.items() if v == "save"] == [3, 6, 9, 15, 18, 21]
+    assert [k for k, v in actions.items() if v == "log"] == [2, 14, 22]
+    assert loop.Schedule(10, 25).action(7) is None  # no interval set: epochs and the end only
+
+
+def test_metrics_log_drops_what_a_killed_run_wrote_after_its_checkpoint(tmp_path):
+    lines = [{"chunk": 0, "student": 0, "step": 4, "split": "dev"},
+             {"chunk": 1, "student": 1, "step": 2, "split": "train"},
+             {"chunk": 1, "student": 1, "step": 3, "split": "train"}]
+    text = "".join(json.dumps(l) + "\n" for l in lines) + '{"chunk": 1, "stu'  # cut short by the kill
+    (tmp_path / "metrics.jsonl").write_text(text)
+    log = loop.MetricsLog(tmp_path, start=2, total=4, enabled=True, progress=False, desc="t", tags={"chunk": 1})
+    log.write(3, "train", {"loss": 0.5}, stream="student_001", student=1)
+    log.close()
+    kept = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == [*lines[:2], {"chunk": 1, "student": 1, "step": 3, "split": "train", "loss": 0.5}]
+    assert (tmp_path / "tensorboard" / "student_001").is_dir()
+
+
+def test_metrics_log_of_other_processes_writes_nothing(tmp_path):
+    log = loop.MetricsLog(tmp_path, start=0, total=4, enabled=False, progress=False, desc="t")
+    log.write(1, "train", {"loss": 1.0})
+    log.note("x")
+    log.close()
+    assert list(tmp_path.iterdir()) == []
