@@ -6,7 +6,7 @@ VENV   ?= .venv
 PIP    := $(VENV)/bin/python -m pip
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test bench accel-check clean-venv
 
 $(VENV)/.runtime: requirements.txt requirements-model.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ test: $(VENV)/.test
 
 bench: $(VENV)/.test
 	$(PY) -m benchmarks
+
+# After installing jax[cuda13] / jax[tpu] (README, "GPUs and TPUs"): correctness on the device, the
+# benchmarks at the paper's shapes, the loop end to end (docs/benchmarks.md). CPU dry run: ACCEL_ARGS=--smoke
+ACCEL_ARGS ?=
+accel-check: $(VENV)/.test
+	$(PY) -m benchmarks.accel_check --glue-dir=$(or $(GLUE_DIR),../shared/glue) --out=runs/accel_check $(ACCEL_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -41,9 +41,10 @@ only the [CLS] row (``bert.BertEncoder``), the keys and values of every row and 
 row; the pooler and the classifier; embedding lookups, LayerNorm, softmax and the losses are
 not counted). A training step costs 3·F(student) (forward + backward), plus F(teacher) when the
 teacher runs online; inference costs F. ``tflops_per_s`` = FLOPs per step / median step time,
-``mfu`` = that / the device's peak: dense bfloat16 peaks from a table keyed by the device kind on
-GPU/TPU (also for float32 runs, ``peak_dtype`` says so), or on CPU the measured matmul peak of
-the machine in the run's dtype.
+``mfu`` = that / the peak of every device the step runs on: on GPU/TPU the dense bfloat16 peak of
+one JAX device from a table keyed by its kind (a GPU; a TPU chip from v4 on; one core, half a
+chip, on v2/v3), times the device count (also for float32 runs, ``peak_dtype`` says so); on CPU
+the measured matmul peak of the machine in the run's dtype.
 
 ``--profile DIR``: after timing, each JAX step runs ``--repeats`` more times under
 ``jax.profiler.trace`` into ``DIR/<suite>-<name>`` (the timings exclude the profiler): open it with

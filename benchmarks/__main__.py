@@ -118,7 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch-compile", default="auto", choices=("auto", "on", "off"),
                    help="also time torch.compile (auto: only with CUDA)")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="the device's peak for MFU (default: table, or measured on CPU)")
+                   help="the peak of all devices together, for MFU (default: the table's per-device "
+                        "peak times the device count, or measured on CPU)")
     p.add_argument("--task", default="sst2", help="GLUE task of the input suite")
     p.add_argument("--glue-dir", type=Path,  # ../shared/glue beside the repository, as the tests use
                    default=Path(__file__).resolve().parents[2] / "shared" / "glue")

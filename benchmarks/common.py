@@ -36,13 +36,15 @@ RANDOM_SIZES = {
     "bert-large": BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                              intermediate_size=4096, num_labels=NUM_LABELS),
 }
-# Dense bfloat16 peaks in TFLOP/s by a substring of jax's device_kind; the first match wins,
-# so more specific names come first.
+# Dense bfloat16 peaks in TFLOP/s of one JAX device, by a substring of its device_kind; the first
+# match wins, so more specific names come first. A JAX device is a GPU, or a TPU chip from v4 on
+# (megacore) and on v5e/v6e (one core); on TPU v2 and v3 it is one of the chip's two cores, so
+# half the chip's 45 / 123 TFLOP/s.
 PEAK_TFLOPS_BF16 = (
     ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
     ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0),
     ("TPU v6 lite", 918.0), ("TPU v6e", 918.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0),
-    ("TPU v5p", 459.0), ("TPU v5", 459.0), ("TPU v4", 275.0), ("TPU v3", 123.0),
+    ("TPU v5p", 459.0), ("TPU v5", 459.0), ("TPU v4", 275.0), ("TPU v3", 61.5), ("TPU v2", 22.5),
 )
 
 
@@ -70,9 +72,10 @@ def train_flops(config: BertConfig, student_layers: int, teacher_layers: int | N
 
 @dataclasses.dataclass(frozen=True)
 class Peak:
-    tflops: float | None
+    tflops: float | None  # of all the devices a step runs on (the mesh)
     source: str  # "table", "measured", "flag" or "unknown"
     dtype: str
+    devices: int = 1
 
 
 def table_peak(device_kind: str) -> float | None:
@@ -92,12 +95,16 @@ def measured_matmul_peak(dtype: str, n: int = 2048, repeats: int = 10) -> float:
 
 
 def device_peak(dtype: str, override: float | None) -> Peak:
+    """The peak of the mesh a step runs on (every device): the table's per-device peak times the
+    device count; on a CPU the measured matmul peak of the machine (its devices share the cores);
+    `override`: the mesh's peak, as given."""
     if override:
-        return Peak(override, "flag", dtype)
+        return Peak(override, "flag", dtype, jax.device_count())
     if jax.default_backend() == "cpu":
         return Peak(measured_matmul_peak(dtype), "measured", dtype)
-    tflops = table_peak(jax.devices()[0].device_kind)
-    return Peak(tflops, "table" if tflops else "unknown", "bfloat16")
+    per_device = table_peak(jax.devices()[0].device_kind)
+    n = jax.device_count()
+    return Peak(per_device and per_device * n, "table" if per_device else "unknown", "bfloat16", n)
 
 
 # ============================================================================================
@@ -166,7 +173,7 @@ class Bench:
             "examples_per_s": batch_size / median,
             "flops_per_example": flops_per_example, "tflops_per_s": tflops,
             "peak_tflops": self.peak.tflops, "peak_source": self.peak.source,
-            "peak_dtype": self.peak.dtype,
+            "peak_dtype": self.peak.dtype, "peak_devices": self.peak.devices,
             "mfu": tflops / self.peak.tflops if self.peak.tflops else None,
         }
 

@@ -7,7 +7,10 @@ The module tree mirrors `transformers.BertForSequenceClassification`
 
 Precision: parameters are stored in `param_dtype` (float32) and matmuls run in `dtype`
 (e.g. bfloat16); LayerNorm statistics, attention softmax, the pooler, the classifier and the
-returned `cls` vectors are float32 whatever `dtype` is.
+returned `cls` vectors are float32 whatever `dtype` is. Only matmul kernels are cast to `dtype`:
+biases, LayerNorm parameters and embedding rows enter the computation in float32, so that their
+gradients, sums over every token of the batch, are accumulated in float32 (in bfloat16 a sum of
+32k terms loses most of its digits) while the matmuls still run in `dtype`.
 
 Calls are functional: dropout draws from `dropout_key=` (a PRNG key), so the same module can be
 merged from a params pytree inside a jitted, vmapped step (`apply`).
@@ -127,6 +130,28 @@ def _split(key: jax.Array | None, n: int) -> list[jax.Array | None]:
     return [None] * n if key is None else list(jax.random.split(key, n))
 
 
+def _cast_matmul_operands(arrays, dtype=None, inexact=True):
+    """`promote_dtype` of a Linear: inputs and kernel to `dtype`, the bias left in float32."""
+    inputs, kernel, bias = arrays
+    return jnp.asarray(inputs, dtype), jnp.asarray(kernel, dtype), bias
+
+
+def _no_cast(arrays, dtype=None, inexact=True):
+    """`promote_dtype` of Embed and LayerNorm: tables, scale and bias stay in `param_dtype`."""
+    return arrays
+
+
+class _Linear(nnx.Linear):
+    """nnx.Linear adding its float32 bias to the `dtype` product in float32, then back to `dtype`.
+
+    flax adds a `dtype` copy of the bias, whose gradient is then a `dtype` sum over the batch.
+    """
+
+    def __call__(self, inputs, out_sharding=None):
+        y = super().__call__(inputs, out_sharding)
+        return y if self.dtype is None else y.astype(self.dtype)
+
+
 class _Factory:
     """Builds layers with the config's dtypes and BERT's N(0, initializer_range) init."""
 
@@ -135,22 +160,25 @@ class _Factory:
         self.init = nnx.initializers.normal(config.initializer_range)
 
     def linear(self, n_in: int, n_out: int, dtype=None) -> nnx.Linear:
-        return nnx.Linear(
+        return _Linear(
             n_in, n_out, dtype=dtype or self.dtype, param_dtype=self.param_dtype,
-            kernel_init=self.init, rngs=self.rngs,
+            kernel_init=self.init, promote_dtype=_cast_matmul_operands, rngs=self.rngs,
         )
 
     def layer_norm(self) -> nnx.LayerNorm:
-        # use_fast_variance=False: E[(x-mean)^2] like torch, not E[x^2]-mean^2.
+        # use_fast_variance=False: E[(x-mean)^2] like torch, not E[x^2]-mean^2. Statistics and
+        # the affine part run in float32 (flax's), the output is rounded to `dtype` once.
         return nnx.LayerNorm(
             self.c.hidden_size, epsilon=self.c.layer_norm_eps, dtype=self.dtype,
-            param_dtype=self.param_dtype, use_fast_variance=False, rngs=self.rngs,
+            param_dtype=self.param_dtype, use_fast_variance=False, promote_dtype=_no_cast,
+            rngs=self.rngs,
         )
 
     def embed(self, n: int) -> nnx.Embed:
+        # Gathers float32 rows: the backward scatter-add into the table then runs in float32.
         return nnx.Embed(
             n, self.c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-            embedding_init=self.init, rngs=self.rngs,
+            embedding_init=self.init, promote_dtype=_no_cast, rngs=self.rngs,
         )
 
 
@@ -165,6 +193,7 @@ class BertEmbeddings(nnx.Module):
 
     def __call__(self, input_ids, token_type_ids, deterministic, key):
         positions = jnp.arange(input_ids.shape[-1])[None, :]
+        # Summed in float32; the LayerNorm rounds its output to `dtype`.
         x = (
             self.word_embeddings(input_ids)
             + self.position_embeddings(positions)
@@ -210,7 +239,9 @@ class BertSelfAttention(nnx.Module):
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
         logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
         logits = jnp.where(mask, logits / jnp.sqrt(self.head_dim), jnp.finfo(jnp.float32).min)
-        probs = dropout(jax.nn.softmax(logits, axis=-1), self.dropout_rate, rng).astype(v.dtype)
+        # Softmax in float32, then dropout on probabilities already in the compute dtype: in bf16 the
+        # [B, heads, S, S] tensor the mask multiplies (and the backward reads) is half the bytes.
+        probs = dropout(jax.nn.softmax(logits, axis=-1).astype(v.dtype), self.dropout_rate, rng)
         return jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
 
 
@@ -341,9 +372,7 @@ class BertForSequenceClassification(nnx.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
-        mask = attention_mask.astype(bool)[:, None, None, :]  # [B, 1, 1(query), S(key)]
-        # At least 1: an all-padding row (filler in a last eval batch) must not give cuDNN 0 keys.
-        lengths = jnp.maximum(attention_mask.sum(-1), 1).astype(jnp.int32)
+        mask, lengths = attention_inputs(attention_mask)
         r_emb, r_enc, r_head = _split(dropout_key, 3)
         bert = self.bert
         x0 = bert.embeddings(input_ids, token_type_ids, deterministic, r_emb)
@@ -354,6 +383,20 @@ class BertForSequenceClassification(nnx.Module):
         logits = self.classifier(dropout(pooled, self.dropout_rate, None if deterministic else r_head))
         hidden = jnp.stack([x0, *layers]) if output_hidden_states else None
         return BertOutput(logits=logits, pooled=pooled, cls=cls, hidden_states=hidden)
+
+
+def attention_inputs(attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(mask [B, 1, 1, S] for the masked path, key lengths [B] for cuDNN), describing the same keys.
+
+    cuDNN's padding mask takes sequence lengths (tokenizers pad on the right) and needs at least
+    one key, so an all-padding row (filler in a last eval batch, never read) attends to its first
+    key on both paths.
+    """
+    real = attention_mask.astype(bool)
+    empty = ~real.any(-1, keepdims=True)
+    mask = real | (empty & (jnp.arange(real.shape[-1]) == 0))
+    lengths = jnp.maximum(attention_mask.sum(-1), 1).astype(jnp.int32)
+    return mask[:, None, None, :], lengths
 
 
 def apply(graphdef: nnx.GraphDef, params: nnx.State, inputs, *, dropout_key=None,

@@ -9,7 +9,8 @@ blocks, and the block counter is the element's flat index over the mask's shape,
 partitionable mode: a mask sharded over devices is computed shard by shard, never replicated.
 
 A 16-bit draw drops an element with probability round(rate·2¹⁶)/2¹⁶ (0.1 → 0.100006) and the
-kept elements are scaled by the inverse of the exact keep probability, so E[dropout(x)] = x.
+kept elements are scaled by the inverse of the exact keep probability, so E[dropout(x)] = x (in
+bfloat16, up to the rounding of each product to bfloat16).
 """
 
 from __future__ import annotations
@@ -55,5 +56,9 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     threshold = _threshold(rate)
     if key is None or threshold == 0:
         return x
-    scale = jnp.asarray(_LEVELS / (_LEVELS - threshold), x.dtype)
-    return jnp.where(keep_mask(key, rate, x.shape), x * scale, jnp.zeros((), x.dtype))
+    # The scale in (at least) float32 and each product rounded to x's dtype once: a bfloat16
+    # scale, 1/0.9 -> 1.109375, would shrink every dropout's output by 0.16 %.
+    compute = jnp.promote_types(x.dtype, jnp.float32)
+    scale = jnp.asarray(_LEVELS / (_LEVELS - threshold), compute)
+    kept = (x.astype(compute) * scale).astype(x.dtype)
+    return jnp.where(keep_mask(key, rate, x.shape), kept, jnp.zeros((), x.dtype))

@@ -36,6 +36,14 @@ def predict(logits_fn: Callable, params, tok: data.Tokenized, mesh, batch_size: 
     return logits
 
 
+def compile_for_split(logits_fn: steps.Precompiled, params, tok: data.Tokenized, mesh, batch_size: int) -> None:
+    """Compile `logits_fn` for every batch shape of `tok`'s evaluation, ahead of the loop."""
+    for batch in data.eval_batches(tok, batch_size):
+        inputs = {k: batch[k] for k in data.MODEL_INPUTS}
+        if not logits_fn.has(inputs):
+            logits_fn.compile_for(params, partitioning.shard_batch(inputs, mesh))
+
+
 def scores(task: str, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """The task's GLUE metrics of `logits`, plus "score": the main one (model selection)."""
     result = metrics.compute(task, metrics.predictions_from_logits(task, logits), labels)

@@ -128,11 +128,11 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     """
     sharding = batch_sharding(mesh)
 
-    def place(x):
+    def on_devices(x):
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
-    return {k: place(v) for k, v in batch.items()}
+    return {k: on_devices(v) for k, v in batch.items()}
 
 
 def to_host(x) -> np.ndarray:

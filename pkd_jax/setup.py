@@ -243,6 +243,16 @@ class Setup:
             b = feed.add_to_batch(b) if feed.add_to_batch else b
             yield to_devices({k: b[k] for k in steps.TRAIN_INPUTS if k in b})
 
+    def example_batches(self, start: int, feed: TeacherFeed, *, seed: int | None = None,
+                        to_devices: Callable[[dict], dict] | None = None) -> list[dict]:
+        """One training batch (on the devices) of each padded length that the steps from `start`
+        to the end will have: what to compile the step for before the loop."""
+        c = self.config
+        seed = c.seed if seed is None else seed
+        lengths = data.step_lengths(self.train_tok, c.batch_size, seed, start, self.total_steps, bucket=c.bucket)
+        firsts = [start + int(np.argmax(lengths == n)) for n in np.unique(lengths)]
+        return [next(self.train_batches(step, feed, seed=seed, to_devices=to_devices)) for step in firsts]
+
     def batch_idx(self, step: int, seed: int | None = None) -> list[int]:
         """The dataset idx of the examples in the batch of `step` (the order is a function of the step)."""
         c = self.config

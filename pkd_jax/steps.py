@@ -10,6 +10,7 @@ differentiated: the teacher's forward pass (online mode) runs inside the same pr
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import flax.struct
@@ -20,6 +21,8 @@ import optax
 from flax import nnx
 
 from pkd_jax import bert, data, losses, partitioning
+
+log = logging.getLogger(__name__)
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -148,10 +151,47 @@ def make_distill_step(graphdef, tx: optax.GradientTransformation, *, layer_map: 
 
 def make_logits_fn(graphdef) -> Callable[[Any, Batch], jax.Array]:
     """`(params, batch) -> float32 logits`: the deterministic forward pass of evaluation."""
-    return lambda params, batch: bert.apply(graphdef, params, batch).logits
+    def logits_fn(params, batch):
+        return bert.apply(graphdef, params, batch).logits
+
+    return logits_fn
 
 
 def compile_step(step: Callable, state, mesh, *, fsdp: bool = False) -> Callable:
     """jit a step once: state sharded per `fsdp` and donated, metrics replicated."""
     shardings = partitioning.state_sharding(state, mesh, fsdp)
     return jax.jit(step, donate_argnums=0, out_shardings=(shardings, partitioning.replicated(mesh)))
+
+
+class Precompiled:
+    """A jitted function compiled ahead of time for every batch shape it will be called with.
+
+    Batches are padded to a few length buckets, so a step has a few shapes; compiling them all
+    before the loop keeps compilation out of the loop and out of its timings (`compile_for`
+    with an example of each shape). A call with a shape not compiled yet compiles it, with a
+    warning. The batch is the last argument; the other arguments keep their shapes.
+    """
+
+    def __init__(self, jitted: Callable, name: str = "step"):
+        self.jitted, self.name = jitted, name
+        self.compiled: dict[tuple, Any] = {}
+
+    @staticmethod
+    def _key(batch) -> tuple:
+        return tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
+
+    def has(self, batch) -> bool:
+        """Whether a batch of this shape (host or device arrays) is compiled already."""
+        return self._key(batch) in self.compiled
+
+    def compile_for(self, *args) -> None:
+        if not self.has(args[-1]):
+            self.compiled[self._key(args[-1])] = self.jitted.lower(*args).compile()
+
+    def __call__(self, *args):
+        key = self._key(args[-1])
+        if key not in self.compiled:
+            log.warning("%s: compiling for a batch shape not compiled before the loop: %s", self.name,
+                        dict(key))
+            self.compile_for(*args)
+        return self.compiled[key](*args)

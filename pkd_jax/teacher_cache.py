@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from pkd_jax import bert, data, fsutil, partitioning
 
-FORMAT_VERSION = 1  # bump when the stored arrays' meaning changes
+FORMAT_VERSION = 2  # bump when the stored arrays' meaning changes (2: bf16 sums in float32)
 log = logging.getLogger(__name__)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import time
 import warnings
 from pathlib import Path
 
@@ -27,11 +28,24 @@ class _Student:
 
     def __init__(self, s: setup.Setup, workdir: Path, graphdef, feed: setup.TeacherFeed, tx, state,
                  ckpt, meta: dict, log_: loop.MetricsLog, lead: bool):
-        self.s, self.workdir, self.graphdef, self.ckpt, self.meta, self.log, self.lead = (
-            s, workdir, graphdef, ckpt, meta, log_, lead)
-        compiled = steps.compile_step(s.make_step(graphdef, tx, feed.graphdef), state, s.mesh, fsdp=s.fsdp)
-        self.train_step = (lambda st, b: compiled(st, feed.params, b)) if s.distill else compiled
-        self.logits_fn = jax.jit(steps.make_logits_fn(graphdef))
+        self.s, self.workdir, self.graphdef, self.feed, self.ckpt, self.meta, self.log, self.lead = (
+            s, workdir, graphdef, feed, ckpt, meta, log_, lead)
+        jitted = steps.compile_step(s.make_step(graphdef, tx, feed.graphdef), state, s.mesh, fsdp=s.fsdp)
+        self.step = steps.Precompiled(jitted, "train step")
+        self.teacher_args = (feed.params,) if s.distill else ()
+        self.logits_fn = steps.Precompiled(jax.jit(steps.make_logits_fn(graphdef)), "evaluation")
+
+    def compile(self, state, start: int) -> None:
+        """Compile the step and the evaluation for every batch shape of the run, before the loop."""
+        s, t0 = self.s, time.perf_counter()
+        for batch in s.example_batches(start, self.feed):
+            self.step.compile_for(state, *self.teacher_args, batch)
+        evaluate.compile_for_split(self.logits_fn, state.params, s.dev_tok, s.mesh, s.config.eval_batch_size)
+        log.info("compiled the train step for %d batch shape(s) and evaluation for %d in %.1f s",
+                 len(self.step.compiled), len(self.logits_fn.compiled), time.perf_counter() - t0)
+
+    def train_step(self, state, batch):
+        return self.step(state, *self.teacher_args, batch)
 
     def record_train(self, host, step, seconds, num_steps) -> None:
         c = self.s.config
@@ -71,6 +85,7 @@ class _Student:
 
 def train_and_evaluate(config, workdir) -> dict:
     """Fine-tune or distil on a GLUE task in `workdir` (resuming it); returns results.json."""
+    clock = {"start": time.perf_counter()}
     s = setup.prepare(config)
     workdir = Path(workdir)
     lead = jax.process_index() == 0
@@ -96,10 +111,18 @@ def train_and_evaluate(config, workdir) -> dict:
         run_log = loop.MetricsLog(workdir, start=start, total=s.total_steps, enabled=lead,
                                   progress=config.progress, desc=workdir.name)
         student = _Student(s, workdir, graphdef, feed, tx, state, ckpt, meta, run_log, lead)
+        clock["setup"] = time.perf_counter()
+        student.compile(state, start)
+        clock["compile"] = time.perf_counter()
         loop.train(student, state, start=start, schedule=loop.Schedule.from_config(config, s.steps_per_epoch,
                                                                                    s.total_steps),
                    batches=s.train_batches(start, feed), ckpt=ckpt, meta=meta, log=run_log)
+        clock["loop"] = time.perf_counter()
         results = _results(s, meta, model)
+        # Wall time of this invocation's phases (a resumed run counts its own only).
+        results["timing"] = {"setup_seconds": clock["setup"] - clock["start"],
+                             "compile_seconds": clock["compile"] - clock["setup"],
+                             "loop_seconds": clock["loop"] - clock["compile"]}
         if config.predict_test:
             results["test_predictions"] = evaluate.predict_test(s, workdir / "model", workdir / "predictions", lead)
         if lead:

@@ -152,6 +152,27 @@ def test_peak_table(kind, peak):
     assert common.table_peak(kind) == peak
 
 
+class _FakeDevice:
+    def __init__(self, kind):
+        self.device_kind, self.platform = kind, "tpu"
+
+
+@pytest.mark.parametrize("kind, devices, mesh_peak", [
+    ("TPU v3", 8, 8 * 61.5),  # a v3-8: 4 chips, 8 JAX devices (one per core), 123 TFLOP/s per chip
+    ("TPU v4", 4, 4 * 275.0),  # a v4-8: 4 chips, megacore: one device per chip
+    ("NVIDIA H200", 8, 8 * 989.0),
+])
+def test_mfu_peak_is_the_whole_meshs(kind, devices, mesh_peak, monkeypatch):
+    """A step runs on every device of the mesh, so MFU divides by all their peaks; with the
+    backend mocked as an accelerator of `devices` devices."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    monkeypatch.setattr(jax, "devices", lambda *a: [_FakeDevice(kind)] * devices)
+    monkeypatch.setattr(jax, "device_count", lambda *a: devices)
+    peak = common.device_peak("bfloat16", None)
+    assert (peak.tflops, peak.devices, peak.source) == (pytest.approx(mesh_peak), devices, "table")
+    assert common.device_peak("bfloat16", 100.0).tflops == 100.0  # --peak-tflops: the mesh's, as given
+
+
 def test_cli_defaults_and_validation():
     args = cli.parse_args([])
     assert (args.suite, args.teacher, args.dtype, args.seq_len) == ("all", "both", "auto", 128)

@@ -520,6 +520,17 @@ def test_bucketing_shapes_and_padding():
     assert data.bucket_sizes(128, [200, 64, 16]) == (16, 64, 128)
 
 
+def test_step_lengths_are_the_batches_lengths():
+    """What the run compiles for before its loop: the padded length of every step's batch."""
+    tok, B = synthetic(n=1000, max_len=128, seed=1), 16
+    spe = data.steps_per_epoch(1000, B)
+    start, stop = spe - 5, 2 * spe + 7  # across two epoch boundaries
+    stream = take(data.train_batches(tok, B, seed=3, start_step=start), stop - start)
+    lengths = data.step_lengths(tok, B, 3, start, stop)
+    assert lengths.tolist() == [b["input_ids"].shape[1] for b in stream] and len(set(lengths)) >= 3
+    assert set(data.step_lengths(tok, B, 3, 0, 40, bucket=False)) == {128}
+
+
 def test_train_batches_errors():
     with pytest.raises(ValueError, match="exceeds"):
         next(data.train_batches(synthetic(n=5), 8, seed=0))

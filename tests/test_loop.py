@@ -35,3 +35,48 @@ def test_metrics_log_of_other_processes_writes_nothing(tmp_path):
     log.note("x")
     log.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_nothing_compiles_inside_the_loop(glue_dir, tmp_path, monkeypatch):
+    """Every batch shape of the train step and of evaluation is compiled before the loop starts:
+    compile time never counts as training time, and the accelerator never waits for XLA mid-run."""
+    import logging
+
+    import jax
+
+    from configs import finetune
+    from pkd_jax import train
+
+    c = finetune.get_config(f"task=rte,model=minilm-l6,layers=2,glue_dir={glue_dir},runlocal")
+    c.progress, c.predict_test, c.max_steps, c.eval_every_steps = False, False, 12, 6
+    compiled, in_loop = [], []
+
+    class Compiles(logging.Handler):
+        def emit(self, record):
+            message = record.getMessage()
+            if message.startswith("Compiling jit("):
+                (in_loop if inside else compiled).append(message.split(" with ")[0])
+
+    inside = False
+    real_train = loop.train
+
+    def marked(*args, **kwargs):
+        nonlocal inside
+        inside = True
+        try:
+            return real_train(*args, **kwargs)
+        finally:
+            inside = False
+
+    monkeypatch.setattr(loop, "train", marked)
+    handler = Compiles()
+    logging.getLogger("jax._src.interpreters.pxla").addHandler(handler)
+    jax.config.update("jax_log_compiles", True)
+    try:
+        train.train_and_evaluate(c, tmp_path)
+    finally:
+        jax.config.update("jax_log_compiles", False)
+        logging.getLogger("jax._src.interpreters.pxla").removeHandler(handler)
+    ours = ("Compiling jit(step)", "Compiling jit(logits_fn)")
+    assert {m for m in compiled if m in ours} == set(ours)  # compiled, before the loop
+    assert not [m for m in in_loop if m in ours], in_loop

@@ -96,6 +96,13 @@ def train_batches(tok: Tokenized, batch_size: int, seed: int, *, start_step: int
     is padded to the smallest of ``bucket_sizes(max_seq_length, buckets)`` that fits it;
     otherwise every batch is [batch_size, max_seq_length].
     """
+    for rows, length in _train_plan(tok, batch_size, seed, start_step, bucket, buckets):
+        yield _make_batch(tok, rows, length, batch_size)
+
+
+def _train_plan(tok: Tokenized, batch_size: int, seed: int, start_step: int, bucket: bool,
+                buckets: Sequence[int] | None) -> Iterator[tuple[np.ndarray, int]]:
+    """(rows, padded length) of the batch of every step from ``start_step`` on."""
     num_steps = steps_per_epoch(len(tok), batch_size)
     if num_steps == 0:
         raise ValueError(f"batch_size={batch_size} exceeds the {len(tok)} examples")
@@ -108,7 +115,17 @@ def train_batches(tok: Tokenized, batch_size: int, seed: int, *, start_step: int
         if epoch != plan_epoch:
             plan_epoch, plan = epoch, _epoch_plan(tok.lengths, batch_size, seed, epoch, bucket)
         rows = plan[pos]
-        yield _make_batch(tok, rows, _batch_length(tok, rows, sizes), batch_size)
+        yield rows, _batch_length(tok, rows, sizes)
+
+
+def step_lengths(tok: Tokenized, batch_size: int, seed: int, start_step: int, stop_step: int, *,
+                 bucket: bool = True, buckets: Sequence[int] | None = None) -> np.ndarray:
+    """The padded length of the batch of each step in [start_step, stop_step), without building
+    the batches: the shapes a run will meet (to compile its step for each before the loop) and
+    how often (to weigh per-shape step times)."""
+    plan = _train_plan(tok, batch_size, seed, start_step, bucket, buckets)
+    return np.fromiter((length for _, (_, length) in zip(range(start_step, stop_step), plan)), np.int64,
+                       count=max(stop_step - start_step, 0))
 
 
 def eval_batches(tok: Tokenized, batch_size: int, *, bucket: bool = True,

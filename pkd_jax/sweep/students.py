@@ -51,9 +51,14 @@ def compile_students_step(step: Callable, state, mesh, *, shard_students: bool =
 def make_students_logits_fn(graphdef) -> Callable:
     """Jitted `(stacked params, batch) -> logits [B, G·C]`: every student in one forward pass, in
     the [B, ·] layout that `evaluate.predict` gathers."""
-    forward = jax.vmap(steps.make_logits_fn(graphdef), in_axes=(0, None))
+    forward = jax.vmap(steps.make_logits_fn(graphdef))
 
     def logits_fn(params, batch):
+        g = jax.tree.leaves(params)[0].shape[0]
+        # The batch gets the student axis too: then every operand of cuDNN attention carries it,
+        # which its batching rule needs before jax 0.11.1 (jax-ml/jax#38495: unbatched sequence
+        # lengths crash it). A broadcast, not a copy.
+        batch = jax.tree.map(lambda x: jnp.broadcast_to(x, (g, *x.shape)), batch)
         logits = forward(params, batch)  # [G, B, C]
         return jnp.swapaxes(logits, 0, 1).reshape(logits.shape[1], -1)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pkd_jax import bert, checkpoints, fsutil, loop, metrics, optim, partitioning, setup, steps
+from pkd_jax import bert, checkpoints, evaluate, fsutil, loop, metrics, optim, partitioning, setup, steps
 from pkd_jax.sweep import plan as plan_
 from pkd_jax.sweep import students as students_
 
@@ -163,12 +164,22 @@ class Sweep:
         padded = points + [points[-1]] * (width - len(points))
         state = students_.stack_students(base, padded, s.mesh, shard_students=shard, fsdp=s.fsdp)
         if self.step is None:
-            self.step = students_.compile_students_step(s.make_step(graphdef, self.tx, self.feed.graphdef), state,
-                                                        s.mesh, shard_students=shard, fsdp=s.fsdp)
-            self.logits_fn = students_.make_students_logits_fn(graphdef)
+            self.step = steps.Precompiled(students_.compile_students_step(
+                s.make_step(graphdef, self.tx, self.feed.graphdef), state, s.mesh, shard_students=shard,
+                fsdp=s.fsdp), "students step")
+            self.logits_fn = steps.Precompiled(students_.make_students_logits_fn(graphdef), "evaluation")
             self.take = jax.jit(lambda tree, j: jax.tree.map(lambda x: x[j], tree),  # one student, whole
                                 out_shardings=partitioning.replicated(s.mesh))
         return graphdef, state
+
+    def _compile(self, state, start: int, seed: int, to_devices) -> None:
+        """The chunk's step and evaluation for every batch shape it will meet, before its loop."""
+        s, t0 = self.setup, time.perf_counter()
+        for batch in s.example_batches(start, self.feed, seed=seed, to_devices=to_devices):
+            self.step.compile_for(state, self.feed.params, batch)
+        evaluate.compile_for_split(self.logits_fn, state.params, s.dev_tok, s.mesh, self.config.eval_batch_size)
+        log.info("compiled the students step for %d batch shape(s) and evaluation for %d in %.1f s",
+                 len(self.step.compiled), len(self.logits_fn.compiled), time.perf_counter() - t0)
 
     def train_chunk(self, index: int) -> ChunkResult:
         """Train chunk `index` (resuming from its checkpoint), then write its summary."""
@@ -196,6 +207,7 @@ class Sweep:
             chunk = _Chunk(self, index, graphdef, points, finished, meta, chunk_log)
             to_devices = ((lambda b: students_.replicate_batch(b, s.mesh)) if c.shard_students
                           else (lambda b: partitioning.shard_batch(b, s.mesh)))
+            self._compile(state, start, points[0].seed, to_devices)
             state = loop.train(chunk, state, start=start,
                                schedule=loop.Schedule.from_config(c, s.steps_per_epoch, s.total_steps),
                                batches=s.train_batches(start, self.feed, seed=points[0].seed, to_devices=to_devices),

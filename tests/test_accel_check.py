@@ -1,0 +1,31 @@
+"""The accelerator check's CPU dry run: `python -m benchmarks.accel_check --smoke` must work end to
+end before any accelerator time is spent on it (its correctness stage runs tests/test_accelerator.py
+with small shapes, its loop stage distils in bfloat16 on real SST-2)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_smoke_run_passes_and_reports_every_stage(glue_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.accel_check", "--smoke", f"--glue-dir={glue_dir}",
+                           f"--out={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.splitlines()[0])["accel_check"]
+    assert summary["ok"] and summary["smoke"]
+    checks = {row["check"].split(":")[0]: row for row in summary["rows"]}
+    assert checks["correctness (pytest -m accelerator)"]["status"] == "ok"
+    report = json.loads((tmp_path / "accel_check.json").read_text())
+    tests = report["correctness"]["tests"]
+    assert tests["test_bf16_matches_transformers_on_device"] == "passed"
+    assert tests["test_vmapped_sweep_chunk_trains_and_evaluates_on_device"] == "passed"
+    assert {"train pkd_online", "efficiency", "sweep", "loop"} <= set(checks)
+    loop = report["loop"]
+    assert loop["ok"] and loop["steps"] == 20 and loop["steps_device_seconds"] > 0
+    assert sum(v["steps"] for v in loop["by_length"].values()) == 20
+    run = json.loads((tmp_path / "loop" / "student" / "results.json").read_text())
+    assert run["config"]["dtype"] == "bfloat16" and 0 < run["metrics"]["accuracy"] <= 1
+    assert (tmp_path / "accel_check.md").read_text().startswith("Device: ")
