@@ -250,7 +250,7 @@ def synthetic_batch(config: BertConfig, batch_size: int, seq_len: int, *,
     batch["labels"] = rng.integers(0, NUM_LABELS, batch_size, dtype=np.int32)
     if cached_layers is not None:
         batch["teacher_logits"] = rng.normal(size=(batch_size, NUM_LABELS)).astype(np.float32)
-        batch["teacher_cls"] = rng.normal(
+        batch["teacher_features"] = rng.normal(
             size=(batch_size, cached_layers, config.hidden_size)).astype(np.float32)
     return batch
 

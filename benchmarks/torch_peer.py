@@ -79,7 +79,7 @@ def make_torch_pkd_step(teacher, student, batch: dict[str, np.ndarray],
 
     def teacher_outputs():
         if cached:
-            return on_device["teacher_logits"], on_device["teacher_cls"].transpose(0, 1)
+            return on_device["teacher_logits"], on_device["teacher_features"].transpose(0, 1)
         with torch.no_grad():
             out = teacher(**inputs, output_hidden_states=True)
         return out.logits, cls_vectors(out.hidden_states, layer_map)

@@ -35,14 +35,21 @@ def get_config(arg=None):
     c.alpha = 0.5
     c.beta = 100.0  # 0: vanilla KD
     c.temperature = 10.0
-    c.normalize = True  # L2-normalise [CLS] vectors before the patient distance
+    c.normalize = True  # L2-normalise the patient features before the patient distance
     c.mode = "compat"  # compat | paper
-    c.distance = "mse"  # a registered patient distance or "package.module:function"
+    c.distance = "mse"  # mse | cosine | cka | another registered distance | "package.module:function"
+    # What the patient loss compares per mapped layer: the [CLS] vector (the paper's), or the mean
+    # over the real tokens (for teachers trained with mean pooling: sentence-transformers, E5, BGE).
+    c.patient_features = "cls"
+    # Weights of intermediate terms over every token (0 = off; both need the teacher online):
+    c.hidden_mse = 0.0  # TinyBERT's MSE between mapped layers' hidden states
+    c.attention_kl = 0.0  # MiniLM's KL between mapped layers' attention distributions
     # A teacher of another hidden size (e.g. BERT-large -> a BERT-base-wide student): learn a linear
     # map of the student's [CLS] vectors to the teacher's size, trained with the student.
     c.projection = False
-    # cached: teacher outputs computed once and memory-mapped; online: the teacher runs in
-    # every step (needed when it sees dropout-augmented views); auto: cached unless teacher_dropout.
+    # cached: teacher outputs computed once and memory-mapped; online: the teacher runs in every
+    # step (needed for dropout-augmented views and the per-token terms); auto: cached unless
+    # teacher_dropout, hidden_mse or attention_kl asks for online.
     c.teacher_mode = "auto"
     c.teacher_dropout = False
     c.learning_rate = 5e-5

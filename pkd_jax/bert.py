@@ -18,105 +18,21 @@ merged from a params pytree inside a jitted, vmapped step (`apply`).
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import warnings
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pkd_jax.bert_config import ACTIVATIONS, BertConfig
 from pkd_jax.dropout import dropout
 
-
-def _gelu(x):
-    # HF's (and torch's) erf form. jax.nn.gelu(approximate=False) goes through erfc, which
-    # XLA:CPU evaluates about 2.5x slower than erf; the two agree to 1e-6.
-    return x * 0.5 * (1.0 + jax.lax.erf(x * (2.0**-0.5)))
+__all__ = ["FEATURES", "BertConfig", "BertForSequenceClassification", "BertOutput", "apply", "attention_inputs", "masked_mean",
+           "param_count"]
 
 
-_ACTIVATIONS = {
-    "gelu": _gelu,
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class BertConfig:
-    """The architecture. Hashable, so it can sit in a module's static graph."""
-
-    vocab_size: int = 30522
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
-    pad_token_id: int = 0
-    classifier_dropout: float | None = None
-    num_labels: int = 2
-    # Label names in id order (exported as id2label); None: LABEL_0, LABEL_1, ...
-    label_names: tuple[str, ...] | None = None
-    # Rematerialise each encoder layer in the backward pass (less memory, ~1/3 more compute).
-    remat: bool = False
-    # "auto": cuDNN flash attention on GPU for half precision, XLA elsewhere; or "xla", "cudnn".
-    attention_impl: str = "auto"
-
-    def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} is not a multiple of "
-                f"num_attention_heads={self.num_attention_heads}"
-            )
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(
-                f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(_ACTIVATIONS)}"
-            )
-        if self.attention_impl not in ("auto", "xla", "cudnn"):
-            raise ValueError(f"attention_impl={self.attention_impl!r}: use auto, xla or cudnn")
-        if self.label_names is not None and len(self.label_names) != self.num_labels:
-            raise ValueError(f"{len(self.label_names)} label_names for num_labels={self.num_labels}")
-
-    @classmethod
-    def from_hf(cls, hf: Any, **overrides) -> "BertConfig":
-        """From a `transformers.BertConfig` (or its dict); `overrides` win."""
-        d = hf if isinstance(hf, dict) else hf.to_dict()
-        pos = d.get("position_embedding_type", "absolute")
-        if pos != "absolute":
-            raise ValueError(f"position_embedding_type={pos!r} is not supported (only 'absolute')")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in fields}
-        id2label = d.get("id2label") or {}
-        names = tuple(id2label[k] for k in sorted(id2label, key=int))
-        kwargs["num_labels"] = overrides.get("num_labels", len(names) or cls.num_labels)
-        if len(names) == kwargs["num_labels"] and names != tuple(f"LABEL_{i}" for i in range(len(names))):
-            kwargs["label_names"] = names
-        kwargs.update(overrides)
-        return cls(**kwargs)
-
-    def to_hf_dict(self) -> dict[str, Any]:
-        """Fields of a HF `config.json` for BertForSequenceClassification."""
-        d = dataclasses.asdict(self)
-        for k in ("label_names", "remat", "attention_impl"):
-            d.pop(k)
-        names = self.label_names or tuple(f"LABEL_{i}" for i in range(self.num_labels))
-        d["id2label"] = {i: n for i, n in enumerate(names)}
-        d["label2id"] = {n: i for i, n in enumerate(names)}
-        d["problem_type"] = "regression" if self.num_labels == 1 else "single_label_classification"
-        d["position_embedding_type"] = "absolute"
-        d["model_type"] = "bert"
-        d["architectures"] = ["BertForSequenceClassification"]
-        return d
+FEATURES = ("cls", "mean")  # the [CLS] vector of a layer, or its mean over the real tokens
 
 
 class BertOutput(NamedTuple):
@@ -124,6 +40,18 @@ class BertOutput(NamedTuple):
     pooled: jax.Array  # [B, H] float32
     cls: jax.Array  # [L, B, H] float32: the [CLS] vector after encoder layers 1..L
     hidden_states: jax.Array | None = None  # [L+1, B, S, H] (embeddings first), on request
+    # [L−1, B, H] float32: the mean over the non-padding tokens after layers 1..L−1 (mean-pooled
+    # features; the top layer, which feeds the classifier, is never a patient target)
+    mean: jax.Array | None = None
+    # [L−1, B, heads, S, S] float32: the attention probabilities of layers 1..L−1 (before
+    # dropout), on request
+    attentions: jax.Array | None = None
+
+    def features(self, kind: str) -> jax.Array:
+        """The per-layer patient features `kind` (FEATURES: "cls" or "mean"); [l−1] is after layer l."""
+        if kind not in FEATURES:
+            raise ValueError(f"patient features {kind!r}: expected one of {FEATURES}")
+        return self.cls if kind == "cls" else self.mean
 
 
 def _split(key: jax.Array | None, n: int) -> list[jax.Array | None]:
@@ -213,20 +141,24 @@ class BertSelfAttention(nnx.Module):
         self.key = f.linear(c.hidden_size, c.hidden_size)
         self.value = f.linear(c.hidden_size, c.hidden_size)
 
-    def __call__(self, x, mask, lengths, deterministic, key, cls_only=False):
-        """cls_only: the [CLS] query alone attends (over every key); out is [B, 1, H]."""
+    def __call__(self, x, mask, lengths, deterministic, key, cls_only=False, want_probs=False):
+        """(out [B, S, H], probabilities [B, heads, S, S] float32 or None); cls_only: the [CLS]
+        query alone attends (over every key), out is [B, 1, H]. want_probs: the masked path,
+        which has the probabilities (cuDNN's fused kernel never forms them)."""
         b = x.shape[0]
         heads = lambda t: t.reshape(b, t.shape[1], self.num_heads, self.head_dim)  # noqa: E731
         q = heads(self.query(x[:, :1] if cls_only else x))
         k, v = heads(self.key(x)), heads(self.value(x))
-        if not cls_only and (deterministic or self.dropout_rate == 0) and self._use_cudnn(x.dtype):
+        probs = None
+        if (not cls_only and not want_probs and (deterministic or self.dropout_rate == 0)
+                and self._use_cudnn(x.dtype)):
             # cuDNN's padding mask takes sequence lengths (right padding, as tokenizers pad).
             out = jax.nn.dot_product_attention(
                 q, k, v, key_value_seq_lengths=lengths, implementation="cudnn"
             )
         else:  # off GPU; with dropout on the probabilities (cuDNN's has none); the [CLS]-only layer
-            out = self._attention(q, k, v, mask, None if deterministic else key)
-        return out.reshape(b, q.shape[1], -1)
+            out, probs = self._attention(q, k, v, mask, None if deterministic else key)
+        return out.reshape(b, q.shape[1], -1), probs if want_probs else None
 
     def _use_cudnn(self, dtype) -> bool:
         if self.impl != "auto":
@@ -241,8 +173,9 @@ class BertSelfAttention(nnx.Module):
         logits = jnp.where(mask, logits / jnp.sqrt(self.head_dim), jnp.finfo(jnp.float32).min)
         # Softmax in float32, then dropout on probabilities already in the compute dtype: in bf16 the
         # [B, heads, S, S] tensor the mask multiplies (and the backward reads) is half the bytes.
-        probs = dropout(jax.nn.softmax(logits, axis=-1).astype(v.dtype), self.dropout_rate, rng)
-        return jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
+        probs = jax.nn.softmax(logits, axis=-1)
+        dropped = dropout(probs.astype(v.dtype), self.dropout_rate, rng)
+        return jnp.einsum("bhqk,bhkd->bhqd", dropped, v).transpose(0, 2, 1, 3), probs
 
 
 class BertAddNorm(nnx.Module):
@@ -267,7 +200,7 @@ class BertAttention(nnx.Module):
 class BertIntermediate(nnx.Module):
     def __init__(self, f: _Factory):
         self.dense = f.linear(f.c.hidden_size, f.c.intermediate_size)
-        self.act = _ACTIVATIONS[f.c.hidden_act]
+        self.act = ACTIVATIONS[f.c.hidden_act]
 
     def __call__(self, x):
         return self.act(self.dense(x))
@@ -279,11 +212,11 @@ class BertLayer(nnx.Module):
         self.intermediate = BertIntermediate(f)
         self.output = BertAddNorm(f, f.c.intermediate_size)
 
-    def __call__(self, x, mask, lengths, deterministic, key, cls_only=False):
+    def __call__(self, x, mask, lengths, deterministic, key, cls_only=False, want_probs=False):
         r_attn, r_attn_out, r_out = _split(key, 3)
-        a = self.attention.self(x, mask, lengths, deterministic, r_attn, cls_only)
+        a, probs = self.attention.self(x, mask, lengths, deterministic, r_attn, cls_only, want_probs)
         x = self.attention.output(a, x[:, :1] if cls_only else x, deterministic, r_attn_out)
-        return self.output(self.intermediate(x), x, deterministic, r_out)
+        return self.output(self.intermediate(x), x, deterministic, r_out), probs
 
 
 class BertEncoder(nnx.Module):
@@ -291,26 +224,32 @@ class BertEncoder(nnx.Module):
         self.layer = nnx.List([BertLayer(f) for _ in range(f.c.num_hidden_layers)])
         self.remat = f.c.remat
 
-    def __call__(self, x, mask, lengths, deterministic, key, cls_only_top=False):
-        """The output of every layer: [B, S, H] each; the top one [B, 1, H] if cls_only_top.
+    def __call__(self, x, mask, lengths, deterministic, key, cls_only_top=False, attentions=False):
+        """(the output of every layer, [B, S, H] each, the top one [B, 1, H] if cls_only_top;
+        with `attentions`, the probabilities of the layers below the top, else None).
 
         Only the [CLS] row of the top layer reaches the pooler and nothing reads its other
         rows, so a classifier skips them: the top layer's query projection, attention output
         and feed-forward run on one row, its keys and values on all. That saves 83 % of the top
         layer's FLOPs at BERT's shapes (28 % of a 3-layer student's encoder).
         """
-        outputs = []
+        outputs, probs = [], []
         n = len(self.layer)
         for i, (layer, r) in enumerate(zip(self.layer, _split(key, n))):
-            cls_only = cls_only_top and i == n - 1
+            cls_only, want = cls_only_top and i == n - 1, attentions and i < n - 1
             if self.remat:
-                x = nnx.remat(lambda m, *a: m(*a), static_argnums=(4, 6))(
-                    layer, x, mask, lengths, deterministic, r, cls_only
+                x, p = nnx.remat(lambda m, *a: m(*a), static_argnums=(4, 6, 7))(
+                    layer, x, mask, lengths, deterministic, r, cls_only, want
                 )
             else:
-                x = layer(x, mask, lengths, deterministic, r, cls_only)
+                x, p = layer(x, mask, lengths, deterministic, r, cls_only, want)
             outputs.append(x)
-        return outputs
+            probs.append(p)
+        if not attentions:
+            return outputs, None
+        b, s = mask.shape[0], mask.shape[-1]
+        heads = self.layer[0].attention.self.num_heads
+        return outputs, jnp.stack(probs[:-1]) if n > 1 else jnp.zeros((0, b, heads, s, s), jnp.float32)
 
 
 class BertPooler(nnx.Module):
@@ -356,6 +295,7 @@ class BertForSequenceClassification(nnx.Module):
         *,
         dropout_key: jax.Array | None = None,
         output_hidden_states: bool = False,
+        output_attentions: bool = False,
         rngs: jax.Array | None = None,
     ) -> BertOutput:
         """Forward pass. `dropout_key`: a PRNG key for dropout, required when not deterministic.
@@ -377,12 +317,23 @@ class BertForSequenceClassification(nnx.Module):
         bert = self.bert
         x0 = bert.embeddings(input_ids, token_type_ids, deterministic, r_emb)
         # Without hidden_states only the top layer's [CLS] row is needed (BertEncoder).
-        layers = bert.encoder(x0, mask, lengths, deterministic, r_enc, not output_hidden_states)
+        layers, attentions = bert.encoder(x0, mask, lengths, deterministic, r_enc, not output_hidden_states,
+                                          output_attentions)
         cls = jnp.stack([h[:, 0] for h in layers]).astype(jnp.float32)
         pooled = bert.pooler(layers[-1][:, 0])
         logits = self.classifier(dropout(pooled, self.dropout_rate, None if deterministic else r_head))
         hidden = jnp.stack([x0, *layers]) if output_hidden_states else None
-        return BertOutput(logits=logits, pooled=pooled, cls=cls, hidden_states=hidden)
+        below = jnp.stack(layers[:-1]) if len(layers) > 1 else jnp.zeros((0, *x0.shape), x0.dtype)
+        return BertOutput(logits=logits, pooled=pooled, cls=cls, hidden_states=hidden,
+                          mean=masked_mean(below, attention_mask), attentions=attentions)
+
+
+def masked_mean(layers: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Layer outputs [M, B, S, H] -> [M, B, H] float32: each row's mean over its non-padding
+    tokens (padding excluded exactly; an all-padding filler row gives 0)."""
+    real = attention_mask.astype(jnp.float32)[None, :, :, None]
+    total = jnp.sum(layers.astype(jnp.float32) * real, axis=2)
+    return total / jnp.maximum(jnp.sum(real, axis=2), 1.0)
 
 
 def attention_inputs(attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -400,7 +351,7 @@ def attention_inputs(attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def apply(graphdef: nnx.GraphDef, params: nnx.State, inputs, *, dropout_key=None,
-          output_hidden_states: bool = False) -> BertOutput:
+          output_hidden_states: bool = False, output_attentions: bool = False) -> BertOutput:
     """The model `nnx.merge(graphdef, params)` on a batch's model inputs, as a pure function.
 
     `inputs`: a mapping with input_ids, token_type_ids and attention_mask (other keys ignored).
@@ -409,7 +360,7 @@ def apply(graphdef: nnx.GraphDef, params: nnx.State, inputs, *, dropout_key=None
     model = nnx.merge(graphdef, params)
     return model(inputs["input_ids"], inputs["token_type_ids"], inputs["attention_mask"],
                  deterministic=dropout_key is None, dropout_key=dropout_key,
-                 output_hidden_states=output_hidden_states)
+                 output_hidden_states=output_hidden_states, output_attentions=output_attentions)
 
 
 def param_count(model: nnx.Module, *, embeddings: bool = True) -> int:

@@ -31,9 +31,17 @@ one (H hidden size, M = k−1 mapped layers), so ``β_paper = β_compat / (H·M)
 (3-layer MRPC students collapse to the majority class). Likewise ``ds`` differs by the number
 of classes C: ``ds_paper = C · ds_compat``.
 
-Patient distances other than the built-in ``"mse"`` can be registered by name
-(:func:`register_distance`) and selected with ``pkd_loss(..., distance=name)``; a config may
-also name a user's own function as ``"package.module:function"``.
+Patient distances (``distance=``) on the [M, B, H] stacks: ``"mse"`` (default, as above);
+``"cosine"``, ``mean_{l,b} (1 − cos(s, t))``, which on unit vectors is H/2 times compat mse
+(‖ŝ − t̂‖² = 2(1 − cos): ``β_cosine = 2·β_compat / H``); ``"cka"``, ``mean_l (1 − CKA)`` with
+linear CKA over the batch (Kornblith et al., 2019), for teachers whose [CLS] vector carries no
+information; student and teacher widths may differ. Both ignore ``mode``. Register others with
+:func:`register_distance`, or name them as ``"package.module:function"``.
+
+Intermediate terms for an online teacher over the real tokens (m = attention mask [B, S]):
+:func:`hidden_mse` ``= Σ m_bs·(s − t)² / (M·H·Σ m_bs)`` on hidden states [M, B, S, H]
+(TinyBERT, Jiao et al., 2020, eq. 7) and :func:`attention_kl` ``= Σ m_bq·KL(A^T ‖ A^S) /
+(M·A·Σ m_bq)`` on attention rows [M, B, A, S, S] (MiniLM, Wang et al., 2020, L_AT).
 
 Everything is computed in float32 whatever the input dtype. ``alpha``, ``beta`` and
 ``temperature`` may be traced scalars (a sweep vmaps over them); ``mode``, ``normalize``,
@@ -59,6 +67,7 @@ DistanceFn = Callable[..., Array]
 MODES = ("compat", "paper")
 STRATEGIES = ("skip", "last")
 _NORM_EPS = 1e-12  # torch.nn.functional.normalize's default eps
+_PROB_FLOOR = 1e-12  # attention_kl floors student probabilities inside the log only
 
 
 # ----------------------------------------------------------------------------- layer maps
@@ -187,6 +196,49 @@ def mse_distance(student_cls: Array, teacher_cls: Array, *, mode: str = "compat"
     return sq.mean() if mode == "compat" else sq.sum() / sq.shape[1]
 
 
+def cosine_distance(student_cls: Array, teacher_cls: Array) -> Array:
+    """Patient distance ``mean_{l,b} (1 − cos(s, t))`` on [M, B, H]; ``mode`` plays no part.
+
+    cos = ⟨ŝ, t̂⟩ with :func:`l2_normalize`'s eps: a zero vector has cos 0 (distance 1) and finite
+    gradients. Normalising again is a no-op on unit vectors, so ``normalize`` does not matter.
+    """
+    s, t = l2_normalize(_f32(student_cls)), l2_normalize(_f32(teacher_cls))
+    return jnp.mean(1.0 - jnp.sum(s * t, axis=-1))
+
+
+def _centred(x: Array) -> tuple[Array, Array]:
+    """x [M, B, H] centred over the batch and scaled to max |x| = 1; and whether it is nonzero."""
+    # Minus row 0 first: equal rows (a batch of 1, zero vectors) centre to exact 0; a mean may not.
+    x = x - x[:, :1]
+    x = x - x.mean(axis=1, keepdims=True)
+    scale = jnp.max(jnp.abs(x), axis=(1, 2), keepdims=True)
+    # CKA is scale-invariant, so the scale's gradient term is exactly 0 (stop_gradient is exact);
+    # entries ≤ 1 keep the Grams' sums of squares far from float32 overflow and underflow.
+    return x / jax.lax.stop_gradient(jnp.where(scale > 0, scale, 1.0)), scale[:, 0, 0] > 0
+
+
+def cka_distance(student_cls: Array, teacher_cls: Array) -> Array:
+    """Patient distance ``mean_l (1 − CKA(X_l, Y_l))``, X [M, B, Hs], Y [M, B, Ht], any Hs, Ht.
+
+    Linear CKA (Kornblith et al., 2019): ``‖YᵀX‖²_F / (‖XᵀX‖_F·‖YᵀY‖_F)``, X and Y centred over
+    the batch; invariant to isotropic scaling and orthogonal transforms. Undefined when a side's
+    centred features vanish (a batch of 1, all rows equal): that layer's distance is 1 with zero
+    gradient. Identical inputs give 0 up to rounding (~1e-7, either sign). ``mode`` plays no part.
+    """
+    (x, x_ok), (y, y_ok) = _centred(_f32(student_cls)), _centred(_f32(teacher_cls))
+    # Kernel form, ‖YᵀX‖²_F = ⟨XXᵀ, YYᵀ⟩_F and ‖XᵀX‖_F = ‖XXᵀ‖_F: B²·(Hs + Ht) multiply-adds against
+    # B·(Hs² + Hs·Ht + Ht²), 36× fewer at B = 32, H = 768, and B² floats held, not H² (B < H).
+    gram_s, gram_t = jnp.einsum("mbh,mch->mbc", x, x), jnp.einsum("mbh,mch->mbc", y, y)
+    ok = x_ok & y_ok
+    # ‖K‖ ≥ max diag K ≥ 1 when ok; the inner `where` keeps sqrt's gradient finite when not.
+    norms_sq = jnp.sum(gram_s**2, axis=(1, 2)) * jnp.sum(gram_t**2, axis=(1, 2))
+    hsic = jnp.sum(gram_s * gram_t, axis=(1, 2))
+    return jnp.mean(1.0 - jnp.where(ok, hsic / jnp.sqrt(jnp.where(ok, norms_sq, 1.0)), 0.0))
+
+
+cka_distance.widths_may_differ = True  # read by patient_loss: no projection needed
+
+
 def patient_loss(
     student_cls: Array,
     teacher_cls: Array,
@@ -198,20 +250,27 @@ def patient_loss(
 
     With ``normalize`` each vector is first divided by its L2 norm over H. The default
     ``distance="mse"`` gives compat ``mean_{l,b,h} (ŝ − t̂)²`` or paper ``mean_b Σ_l ‖ŝ_l − t̂_l‖²``
-    (exactly H·M times compat); other distances come from :func:`get_distance`.
+    (exactly H·M times compat); other distances come from :func:`get_distance`. Student and
+    teacher widths must match unless the distance has ``widths_may_differ = True`` (``"cka"``).
     M = 0 (a 1-layer student) returns 0.
     """
     _check_mode(mode)
     s, t = _f32(student_cls), _f32(teacher_cls)
-    if s.shape != t.shape or s.ndim != 3:
+    fn = _resolve(distance)
+    if s.ndim != 3 or t.ndim != 3 or s.shape[:2] != t.shape[:2]:
+        raise ValueError(f"student_cls and teacher_cls must both be [M, B, H] with the same M and "
+                         f"B, got {s.shape} and {t.shape}")
+    if s.shape[2] != t.shape[2] and not accepts_any_width(fn):
+        name = distance if isinstance(distance, str) else getattr(fn, "__name__", repr(fn))
         raise ValueError(
-            f"student_cls and teacher_cls must both be [M, B, H], got {s.shape} and {t.shape}"
-        )
+            f"distance {name!r} compares [M, B, H] vectors of equal width, got student width "
+            f"{s.shape[2]} and teacher width {t.shape[2]}; project the student's vectors to the "
+            f"teacher's width (a learned linear map), or use distance='cka' (any widths)")
     if s.shape[0] == 0:
         return jnp.zeros((), jnp.float32)
     if normalize:
         s, t = l2_normalize(s), l2_normalize(t)
-    return _f32(get_distance(distance, mode=mode)(s, t))
+    return _f32(get_distance(fn, mode=mode)(s, t))
 
 
 def cross_entropy(logits: Array, labels: Array) -> Array:
@@ -268,9 +327,64 @@ def pkd_loss(
     return loss, {"ce": ce, "ds": ds, "pt": pt}
 
 
+# ----------------------------------------------------------------------------- intermediate terms
+
+
+def _real_tokens(attention_mask: ArrayLike, shape: tuple[int, ...]) -> Array:
+    if (got := jnp.shape(attention_mask)) != shape:
+        raise ValueError(f"attention_mask must be [B, S] = {shape}, got {got}")
+    return jnp.asarray(attention_mask) != 0
+
+
+def hidden_mse(student_hidden: Array, teacher_hidden: Array, attention_mask: ArrayLike) -> Array:
+    """MSE of hidden states [M, B, S, H] over real tokens (TinyBERT, Jiao et al., 2020, eq. 7).
+
+    ``Σ_{l,b,s,h} m_bs·(s − t)² / (M·H·Σ_{b,s} m_bs)``, m = attention_mask [B, S] ≠ 0: the mean over
+    layers, real tokens and hidden units (TinyBERT sums layers; a mean is independent of M). Padding
+    is never read (even NaN is harmless); no real token gives 0. Project a narrower student first.
+    """
+    s, t = _f32(student_hidden), _f32(teacher_hidden)
+    if s.ndim != 4 or s.shape != t.shape:
+        raise ValueError(f"student_hidden and teacher_hidden must both be [M, B, S, H], got "
+                         f"{s.shape} and {t.shape}; project the student's to the teacher's width")
+    real = _real_tokens(attention_mask, s.shape[1:3])
+    # `where`, not a product with the mask: padding garbage reaches neither value nor gradient.
+    diff = jnp.where(real[None, :, :, None], s - t, 0.0)
+    count = jnp.sum(real, dtype=jnp.float32) * (s.shape[0] * s.shape[3])
+    return jnp.sum(jnp.square(diff)) / jnp.maximum(count, 1.0)
+
+
+def attention_kl(student_probs: Array, teacher_probs: Array, attention_mask: ArrayLike) -> Array:
+    """KL(teacher ‖ student) of attention rows [M, B, A, S, S] (MiniLM, Wang et al., 2020, L_AT).
+
+    ``Σ_{l,b,a,q} m_bq Σ_k p^T·(log p^T − log max(p^S, 1e-12)) / (M·A·Σ_{b,q} m_bq)``: summed over
+    keys, averaged over layers, heads and the batch's real queries (each token weighs the same).
+    0·log 0 = 0 (padding keys); the floor keeps an underflowed student p^S = 0 finite (≤ 27.7·p^T
+    per key), gradient too. Padding query rows are never read; no real token gives 0.
+    """
+    s, t = _f32(student_probs), _f32(teacher_probs)
+    if s.ndim == t.ndim == 5 and s.shape[2] != t.shape[2]:
+        raise ValueError(
+            f"attention_kl compares distributions head by head, so student and teacher need the "
+            f"same number of heads, got {s.shape[2]} and {t.shape[2]}; give the student the "
+            f"teacher's head count, or average both over heads (axis 2, keepdims) first")
+    if s.ndim != 5 or s.shape != t.shape:
+        raise ValueError(f"attention probabilities must both be [M, B, heads, S, S], got "
+                         f"{s.shape} and {t.shape}")
+    real = _real_tokens(attention_mask, (s.shape[1], s.shape[3]))
+    row = real[None, :, None, :, None]
+    t, s = jnp.where(row, t, 0.0), jnp.where(row, s, 1.0)  # padding rows: finite, KL 0
+    # Double `where` as in distillation_loss: no 0·(−inf) in the value or the gradient.
+    pos = t > 0
+    kl = t * (jnp.log(jnp.where(pos, t, 1.0)) - jnp.log(jnp.maximum(s, _PROB_FLOOR)))
+    count = jnp.sum(real, dtype=jnp.float32) * (s.shape[0] * s.shape[2])
+    return jnp.sum(jnp.where(pos, kl, 0.0)) / jnp.maximum(count, 1.0)
+
+
 # ----------------------------------------------------------------------------- distance registry
 
-_DISTANCES: dict[str, DistanceFn] = {"mse": mse_distance}
+_DISTANCES: dict[str, DistanceFn] = {
+    "mse": mse_distance, "cosine": cosine_distance, "cka": cka_distance}
 
 
 def register_distance(
@@ -279,8 +393,10 @@ def register_distance(
     """Register a patient distance ``fn(student_cls, teacher_cls) -> scalar`` under ``name``.
 
     Inputs are float32 [M, B, H], already L2-normalised when ``normalize=True``. A distance that
-    also takes a keyword ``mode`` receives pkd_loss's mode. Use as ``@register_distance("name")``
-    or ``register_distance("name", fn)``; re-registering a name needs ``overwrite=True``.
+    also takes a keyword ``mode`` receives pkd_loss's mode; one with ``fn.widths_may_differ =
+    True`` may get student [M, B, Hs] and teacher [M, B, Ht] (patient_loss rejects Hs ≠ Ht for
+    others). Use as ``@register_distance("name")`` or ``register_distance("name", fn)``;
+    re-registering a name, built-ins included, needs ``overwrite=True``.
     """
 
     def register(f: DistanceFn) -> DistanceFn:
@@ -294,6 +410,11 @@ def register_distance(
         return f
 
     return register if fn is None else register(fn)
+
+
+def accepts_any_width(name_or_fn: str | DistanceFn) -> bool:
+    """Whether a distance compares student and teacher vectors of different widths (``"cka"``)."""
+    return bool(getattr(_resolve(name_or_fn), "widths_may_differ", False))
 
 
 def get_distance(name_or_fn: str | DistanceFn, *, mode: str = "compat") -> DistanceFn:

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pkd_jax import bert, checkpoints, data, losses, optim, partitioning, steps
+from pkd_jax import bert, checkpoints, data, losses, optim, partitioning, steps, targets
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,14 @@ def _check_distill_config(config) -> None:
         _fail("teacher_mode", config.teacher_mode, "auto, cached or online")
     if config.teacher_mode == "cached" and config.teacher_dropout:
         _fail("teacher_mode", "cached", "online (or auto) when teacher_dropout is on")
+    for key in ("hidden_mse", "attention_kl"):
+        if config[key] < 0:
+            _fail(key, config[key], "a weight >= 0 (0: off)")
+        if config[key] > 0 and config.teacher_mode == "cached":
+            _fail("teacher_mode", "cached", f"online (or auto) when {key} > 0: it compares per-token "
+                  "teacher states, which are not cached (S x H values per example and layer)")
+    if config.patient_features not in bert.FEATURES:
+        _fail("patient_features", config.patient_features, " or ".join(bert.FEATURES))
     if config.mode not in losses.MODES:
         _fail("mode", config.mode, " or ".join(losses.MODES))
     if not 0 <= config.alpha <= 1 or config.beta < 0 or config.temperature <= 0:
@@ -117,15 +125,21 @@ def _teacher_source(config) -> tuple[str, str]:
 
 
 def _check_compatible(teacher: bert.BertConfig, student: bert.BertConfig, teacher_tok, student_tok,
-                      projection: bool) -> None:
+                      config) -> None:
     if teacher_tok.get_vocab() != student_tok.get_vocab():
         raise ValueError("teacher and student use different vocabularies; distillation needs the same "
                          "tokenizer (initialise the student from the teacher's pretrained checkpoint)")
     th, sh = teacher.hidden_size, student.hidden_size
-    if th != sh and not projection:
+    width_free = losses.accepts_any_width(config.distance) and config.hidden_mse == 0
+    if th != sh and not config.projection and not width_free:
         raise ValueError(f"teacher hidden size {th} != student hidden size {sh}: the patient loss "
-                         "compares [CLS] vectors of equal size; set --config.projection=True to learn "
-                         "a linear map from the student's to the teacher's")
+                         f"(distance={config.distance}) and hidden_mse compare vectors of equal size; set "
+                         "--config.projection=True to learn a linear map from the student's to the "
+                         "teacher's, or compare with --config.distance=cka, which allows different widths")
+    ta, sa = teacher.num_attention_heads, student.num_attention_heads
+    if config.attention_kl > 0 and ta != sa:
+        raise ValueError(f"attention_kl compares attention distributions head by head, but the teacher has "
+                         f"{ta} heads and the student {sa}: use equal head counts or --config.attention_kl=0")
 
 
 class TeacherFeed(NamedTuple):
@@ -167,7 +181,8 @@ class Setup:
     @property
     def online(self) -> bool:
         c = self.config
-        return self.distill and (c.teacher_mode == "online" or (c.teacher_mode == "auto" and c.teacher_dropout))
+        needs = c.teacher_dropout or c.hidden_mse > 0 or c.attention_kl > 0
+        return self.distill and (c.teacher_mode == "online" or (c.teacher_mode == "auto" and needs))
 
     @property
     def warmup_steps(self) -> int:
@@ -194,8 +209,9 @@ class Setup:
 
     @property
     def projection_to(self) -> int | None:
-        """The teacher's hidden size when it differs from the student's (a learned projection)."""
-        if not self.distill:
+        """The teacher's hidden size when the student's differs and config.projection asks for a
+        learned map (without it, only width-free distances such as cka may compare them)."""
+        if not self.distill or not self.config.projection:
             return None
         student = checkpoints.load_config(self.pretrained, num_layers=self.config.layers)
         t = self.teacher.config.hidden_size
@@ -208,7 +224,11 @@ class Setup:
             return TeacherFeed()
         t_graphdef, t_params = nnx.split(self.teacher, nnx.Param)
         t_params = partitioning.place_state(t_params, self.mesh, self.fsdp)
+        kind, index = self.config.patient_features, np.asarray(self.layer_map, int) - 1
         if self.online:
+            sample = targets.layer_features(t_graphdef, t_params, self.train_tok, self.mesh, batch_size=256,
+                                            bucket=False)[kind]
+            targets.warn_if_constant(sample[index], self.layer_map, kind, log)
             return TeacherFeed(t_graphdef, t_params)
         from pkd_jax import teacher_cache
 
@@ -216,8 +236,9 @@ class Setup:
             t_graphdef, t_params, self.train_tok, self.layer_map, mesh=self.mesh,
             batch_size=self.config.eval_batch_size, cache_dir=self.cache_dir / "teacher",
             dtype_name=jnp.dtype(self.dtype).name, architecture=repr(self.teacher.config),
-            progress=self.config.progress and lead)
+            features=self.config.patient_features, progress=self.config.progress and lead)
         log.info("teacher outputs %s: %s", "reused" if cache.reused else "computed", cache.path)
+        targets.warn_if_constant(np.swapaxes(cache.features[:256], 0, 1), self.layer_map, kind, log)
         return TeacherFeed(add_to_batch=cache.add_to)
 
     def make_step(self, graphdef, tx, teacher_graphdef=None):
@@ -227,7 +248,9 @@ class Setup:
             return steps.make_finetune_step(graphdef, tx, regression=self.task.is_regression)
         return steps.make_distill_step(graphdef, tx, layer_map=self.layer_map, teacher_graphdef=teacher_graphdef,
                                        teacher_dropout=c.teacher_dropout, normalize=c.normalize, mode=c.mode,
-                                       regression=self.task.is_regression, distance=c.distance)
+                                       regression=self.task.is_regression, distance=c.distance,
+                                       features=c.patient_features, hidden_weight=c.hidden_mse,
+                                       attention_weight=c.attention_kl)
 
     def train_batches(self, start: int, feed: TeacherFeed, *, seed: int | None = None,
                       to_devices: Callable[[dict], dict] | None = None):
@@ -309,8 +332,7 @@ def prepare(config) -> Setup:
     tokenizer = checkpoints.load_tokenizer(pretrained)
     if teacher is not None:
         student = checkpoints.load_config(pretrained, num_layers=config.layers)
-        _check_compatible(teacher.config, student, checkpoints.load_tokenizer(teacher_path), tokenizer,
-                          config.projection)
+        _check_compatible(teacher.config, student, checkpoints.load_tokenizer(teacher_path), tokenizer, config)
         layer_map = losses.layer_map(teacher.config.num_hidden_layers, student.num_hidden_layers,
                                      layer_strategy(config.strategy))
 

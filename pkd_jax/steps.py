@@ -4,8 +4,9 @@ Steps are pure functions `(state, [teacher_params,] batch) -> (state, metrics)`;
 jits them once with explicit shardings and the state donated. Only the student is
 differentiated: the teacher's forward pass (online mode) runs inside the same program under
 `stop_gradient`, or its outputs arrive in the batch (cached mode: `teacher_logits` [B, C] and
-`teacher_cls` [B, M, H] for the M mapped layers). Losses come from `losses.py`, the model from
-`bert.py`; this module wires them and knows nothing of data files, loops or logs.
+`teacher_features` [B, M, H], the patient features of the M mapped layers). Losses come from
+`losses.py`, the model from `bert.py`; this module wires them and knows nothing of data files,
+loops or logs.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 # What a training step reads from a batch: the model inputs, the labels and, cached, the teacher's.
-TRAIN_INPUTS = (*data.MODEL_INPUTS, "labels", "teacher_logits", "teacher_cls")
+TRAIN_INPUTS = (*data.MODEL_INPUTS, "labels", "teacher_logits", "teacher_features")
 
 
 @flax.struct.dataclass
@@ -106,37 +107,63 @@ def make_finetune_step(graphdef, tx: optax.GradientTransformation, *, regression
 
 def make_distill_step(graphdef, tx: optax.GradientTransformation, *, layer_map: tuple[int, ...],
                       teacher_graphdef=None, teacher_dropout: bool = False, normalize: bool = True,
-                      mode: str = "compat", regression: bool = False, distance="mse"):
-    """The PKD step: (1-α)·CE + α·KD(T) + β·patient, α/β/T read from `state.hparams`.
+                      mode: str = "compat", regression: bool = False, distance="mse", features: str = "cls",
+                      hidden_weight: float = 0.0, attention_weight: float = 0.0):
+    """The PKD step: (1-α)·CE + α·KD(T) + β·patient, α/β/T read from `state.hparams`, plus the
+    optional intermediate terms `hidden_weight`·hidden_mse and `attention_weight`·attention_kl.
 
-    layer_map: 1-indexed teacher layers matched to student layers 1..k-1 (`losses.layer_map`).
+    layer_map: 1-indexed teacher layers matched to student layers 1..k-1 (`losses.layer_map`);
+    every intermediate term compares those pairs. features: "cls" or "mean" (`bert.FEATURES`).
     teacher_graphdef given: online mode, `step(state, teacher_params, batch)` runs the teacher
     (with its own dropout when `teacher_dropout`: a differently perturbed view every step).
-    None: cached mode, `step(state, None, batch)` reads `teacher_logits` / `teacher_cls`.
+    None: cached mode, `step(state, None, batch)` reads `teacher_logits` / `teacher_features`.
+    The intermediate terms read per-token teacher states, never cached: they need the teacher
+    online, and are computed only when their weight is non-zero (static).
     """
     k_minus_1 = len(layer_map)
-    teacher_index = np.asarray(layer_map, np.int32) - 1  # cls[l-1] is after layer l
+    teacher_index = np.asarray(layer_map, np.int32) - 1  # features[l-1] is after layer l
+    extras = {"hidden": hidden_weight > 0, "attentions": attention_weight > 0}
+    if features not in bert.FEATURES:
+        raise ValueError(f"patient features {features!r}: expected one of {bert.FEATURES}")
+    if any(extras.values()) and teacher_graphdef is None:
+        raise ValueError("hidden_mse and attention_kl compare per-token teacher states, which are not "
+                         "cached: distil with the teacher online (teacher_mode=online)")
+
+    def forward(g, params, batch, rng):
+        return bert.apply(g, params, batch, dropout_key=rng, output_hidden_states=extras["hidden"],
+                          output_attentions=extras["attentions"])
 
     def teacher_outputs(teacher_params, batch, rng):
         if teacher_graphdef is None:
-            return batch["teacher_logits"], jnp.swapaxes(batch["teacher_cls"], 0, 1)
-        out = bert.apply(teacher_graphdef, teacher_params, batch, dropout_key=rng if teacher_dropout else None)
-        return jax.lax.stop_gradient(out.logits), jax.lax.stop_gradient(out.cls[teacher_index])
+            return batch["teacher_logits"], jnp.swapaxes(batch["teacher_features"], 0, 1), {}
+        out = forward(teacher_graphdef, teacher_params, batch, rng if teacher_dropout else None)
+        mapped = {"hidden": out.hidden_states[np.asarray(layer_map)] if extras["hidden"] else None,
+                  "attentions": out.attentions[teacher_index] if extras["attentions"] else None}
+        return jax.lax.stop_gradient((out.logits, out.features(features)[teacher_index], mapped))
 
     def step(state: TrainState, teacher_params, batch: Batch) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(state.rng, state.step)  # as in fine-tuning: α=β=0 is the FT step
-        t_logits, t_cls = teacher_outputs(teacher_params, batch, jax.random.fold_in(rng, 1))
+        t_logits, t_features, t_mapped = teacher_outputs(teacher_params, batch, jax.random.fold_in(rng, 1))
         hp = state.hparams
 
+        def project(x, projection):
+            return x if projection is None else x @ projection["kernel"] + projection["bias"]
+
         def loss_fn(params, projection):
-            out = bert.apply(graphdef, params, batch, dropout_key=rng)
-            s_cls = out.cls[:k_minus_1]
-            if projection is not None:
-                s_cls = s_cls @ projection["kernel"] + projection["bias"]
+            out = forward(graphdef, params, batch, rng)
+            s_features = project(out.features(features)[:k_minus_1], projection)
             loss, terms = losses.pkd_loss(
-                out.logits, t_logits, batch["labels"], s_cls, t_cls,
+                out.logits, t_logits, batch["labels"], s_features, t_features,
                 alpha=hp["alpha"], beta=hp["beta"], temperature=hp["temperature"],
                 normalize=normalize, mode=mode, regression=regression, distance=distance)
+            mask = batch["attention_mask"]
+            if extras["hidden"]:  # hidden_states[l] is after layer l
+                terms["hidden_mse"] = losses.hidden_mse(project(out.hidden_states[1:k_minus_1 + 1], projection),
+                                                        t_mapped["hidden"], mask)
+                loss = loss + hidden_weight * terms["hidden_mse"]
+            if extras["attentions"]:
+                terms["attention_kl"] = losses.attention_kl(out.attentions[:k_minus_1], t_mapped["attentions"], mask)
+                loss = loss + attention_weight * terms["attention_kl"]
             return loss, (terms, out.logits)
 
         state, loss, ((terms, logits), grad_norm) = _apply_gradients(state, tx, loss_fn)

@@ -2,19 +2,20 @@
 
 The original PKD code runs the fine-tuned teacher once over the training set and trains students
 from the saved outputs. ``build_or_load`` does the same: it stores the teacher's logits and the
-[CLS] vectors of the mapped layers as ``.npy`` files (never pickles) under a folder named by a
-fingerprint of everything that determines them, and memory-maps them back. ``TeacherCache.add_to``
-then fills a host batch's ``teacher_logits`` [B, C] / ``teacher_cls`` [B, M, H] by
-``batch["index"]``, the inputs of ``train.make_distill_step``'s cached mode.
+patient features of the mapped layers (their [CLS] vectors, or their means over the real tokens:
+``bert.FEATURES``) as ``.npy`` files (never pickles) under a folder named by a fingerprint of
+everything that determines them, and memory-maps them back. ``TeacherCache.add_to`` then fills a
+host batch's ``teacher_logits`` [B, C] / ``teacher_features`` [B, M, H] by ``batch["index"]``, the
+inputs of ``steps.make_distill_step``'s cached mode.
 
-Entry layout (``<cache_dir>/<fingerprint>-<cls dtype>/``): ``logits.npy`` float32 [N, C],
-``cls.npy`` [N, M, H] and ``manifest.json``, written into a temporary sibling folder and renamed
-into place, so a killed build never leaves an entry that is later trusted.
+Entry layout (``<cache_dir>/<fingerprint>-<features dtype>/``): ``logits.npy`` float32 [N, C],
+``features.npy`` [N, M, H] and ``manifest.json``, written into a temporary sibling folder and
+renamed into place, so a killed build never leaves an entry that is later trusted.
 
-Precision: logits are kept in float32. [CLS] vectors are stored in float16 by default (half the
+Precision: logits are kept in float32. Features are stored in float16 by default (half the
 disk and host memory): round-to-nearest gives a relative error of at most 2^-11 ≈ 4.9e-4 per
 value (BERT's LayerNorm outputs are far inside float16's ±65504 range), negligible next to the
-patient loss, which compares L2-normalised vectors. Pass ``cls_dtype=np.float32`` for exact values.
+patient loss, which compares L2-normalised vectors. Pass ``features_dtype=np.float32`` for exact values.
 
 Multi-process runs: every process runs the teacher (the jitted forward is one global program),
 outputs are gathered with ``process_allgather``, process 0 writes, and all processes load after a
@@ -45,7 +46,7 @@ from tqdm import tqdm
 
 from pkd_jax import bert, data, fsutil, partitioning
 
-FORMAT_VERSION = 2  # bump when the stored arrays' meaning changes (2: bf16 sums in float32)
+FORMAT_VERSION = 3  # bump when the stored arrays' meaning changes (3: features of a chosen kind)
 log = logging.getLogger(__name__)
 
 
@@ -55,19 +56,19 @@ log = logging.getLogger(__name__)
 
 
 def fingerprint(teacher_params: Any, tokenized: data.Tokenized, layer_map: Sequence[int],
-                dtype: DTypeLike, architecture: str = "") -> str:
+                dtype: DTypeLike, architecture: str = "", features: str = "cls") -> str:
     """A key for the teacher outputs of ``tokenized``: changes with any of its inputs.
 
     Hashes every parameter's shape, dtype and bytes in pytree order (leaf by leaf, so host
     memory holds one leaf at a time; about a second per GB; an ``nnx.State`` and its pure dict
     agree), ``tokenized.fingerprint`` (data, tokenizer, max length), the 1-indexed
-    ``layer_map``, the compute dtype's name and ``architecture``, a text of the static settings
+    ``layer_map``, the compute dtype's name, ``architecture``, a text of the static settings
     that live in the graphdef, not the params (head count, activation, LayerNorm epsilon; e.g.
-    ``repr(model.config)``).
+    ``repr(model.config)``), and the kind of ``features``.
     """
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps([FORMAT_VERSION, tokenized.fingerprint, [int(i) for i in layer_map],
-                         jnp.dtype(dtype).name, architecture]).encode())
+                         jnp.dtype(dtype).name, architecture, features]).encode())
     for leaf in jax.tree.leaves(teacher_params):  # dict keys are sorted: a stable order
         arr = np.ascontiguousarray(partitioning.to_host(leaf))
         h.update(json.dumps([arr.shape, arr.dtype.name]).encode())
@@ -84,12 +85,12 @@ def fingerprint(teacher_params: Any, tokenized: data.Tokenized, layer_map: Seque
 class TeacherCache:
     """Teacher outputs of every example, row i = example i of the ``Tokenized`` split.
 
-    ``logits``: float32 [N, C]; ``cls``: [N, M, H] in the stored dtype (both read-only
+    ``logits``: float32 [N, C]; ``features``: [N, M, H] in the stored dtype (both read-only
     memory maps). ``reused`` tells whether an existing entry was loaded instead of computed.
     """
 
     logits: np.ndarray
-    cls: np.ndarray
+    features: np.ndarray
     fingerprint: str
     path: Path
     reused: bool
@@ -103,11 +104,11 @@ class TeacherCache:
         index = np.asarray(batch["index"])
         return {**batch,
                 "teacher_logits": np.asarray(self.logits[index], np.float32),
-                "teacher_cls": np.asarray(self.cls[index])}
+                "teacher_features": np.asarray(self.features[index])}
 
 
 def _load(entry: Path, key: str, num_examples: int, layer_map: tuple[int, ...],
-          cls_dtype: np.dtype) -> TeacherCache | None:
+          features_dtype: np.dtype) -> TeacherCache | None:
     """The entry as memory maps if complete and matching, else None (the caller rebuilds)."""
     try:
         manifest = json.loads((entry / "manifest.json").read_text())
@@ -116,7 +117,7 @@ def _load(entry: Path, key: str, num_examples: int, layer_map: tuple[int, ...],
             return None
         c, hidden = manifest["num_labels"], manifest["hidden_size"]  # set by the teacher (key)
         expected = {"logits": ("float32", [num_examples, c]),
-                    "cls": (cls_dtype.name, [num_examples, len(layer_map), hidden])}
+                    "features": (features_dtype.name, [num_examples, len(layer_map), hidden])}
         arrays = {}
         for name, (dtype, shape) in expected.items():
             # A truncated file fails here: its memory map would overrun the file.
@@ -134,14 +135,14 @@ def _load(entry: Path, key: str, num_examples: int, layer_map: tuple[int, ...],
 # ============================================================================================
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "layer_map", "cls_dtype"))
-def _teacher_outputs(graphdef, params, inputs, *, layer_map: tuple[int, ...],
-                     cls_dtype: np.dtype) -> tuple[jax.Array, jax.Array]:
-    """float32 logits [B, C] and the mapped layers' [CLS] vectors [B, M, H] in ``cls_dtype``."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "layer_map", "features", "features_dtype"))
+def _teacher_outputs(graphdef, params, inputs, *, layer_map: tuple[int, ...], features: str,
+                     features_dtype: np.dtype) -> tuple[jax.Array, jax.Array]:
+    """float32 logits [B, C] and the mapped layers' features [B, M, H] in ``features_dtype``."""
     out = bert.apply(graphdef, params, inputs)
-    cls = out.cls[np.asarray(layer_map, np.int32) - 1]  # cls[l - 1] is after layer l
+    mapped = out.features(features)[np.asarray(layer_map, np.int32) - 1]  # [l - 1] is after layer l
     # Cast on device: half the transfer for float16, and the same rounding as on the host.
-    return out.logits.astype(jnp.float32), jnp.swapaxes(cls, 0, 1).astype(cls_dtype)
+    return out.logits.astype(jnp.float32), jnp.swapaxes(mapped, 0, 1).astype(features_dtype)
 
 
 def _on_mesh(params: Any, mesh: Mesh) -> Any:
@@ -161,8 +162,8 @@ def _open_arrays(folder: Path, shapes: Mapping[str, tuple[np.dtype, tuple[int, .
             for name, (dtype, shape) in shapes.items()}
 
 
-def _compute(graphdef, params, tokenized: data.Tokenized, layer_map: tuple[int, ...],
-             mesh: Mesh, batch_size: int, cls_dtype: np.dtype, folder: Path | None,
+def _compute(graphdef, params, tokenized: data.Tokenized, layer_map: tuple[int, ...], features: str,
+             mesh: Mesh, batch_size: int, features_dtype: np.dtype, folder: Path | None,
              progress: bool) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
     """Run the teacher over every example; with ``folder``, write the rows there.
 
@@ -170,24 +171,25 @@ def _compute(graphdef, params, tokenized: data.Tokenized, layer_map: tuple[int, 
     folder. Returns the arrays' dtypes and shapes.
     """
     params = _on_mesh(params, mesh)
-    run = functools.partial(_teacher_outputs, graphdef, layer_map=layer_map, cls_dtype=cls_dtype)
+    run = functools.partial(_teacher_outputs, graphdef, layer_map=layer_map, features=features,
+                            features_dtype=features_dtype)
     spec = {k: jax.ShapeDtypeStruct((batch_size, tokenized.max_seq_length), jnp.int32)
             for k in data.MODEL_INPUTS}
-    logits_spec, cls_spec = jax.eval_shape(run, params, spec)
+    logits_spec, features_spec = jax.eval_shape(run, params, spec)
     n = len(tokenized)
     shapes = {"logits": (np.dtype(np.float32), (n, logits_spec.shape[1])),
-              "cls": (cls_dtype, (n, *cls_spec.shape[1:]))}
+              "features": (features_dtype, (n, *features_spec.shape[1:]))}
     arrays = _open_arrays(folder, shapes) if folder is not None else None
     filled = np.zeros(n, bool)
 
     def store(host: Mapping[str, np.ndarray], outputs: tuple[jax.Array, jax.Array]) -> None:
-        logits, cls = (partitioning.to_host(x) for x in outputs)  # blocks on this batch only
+        logits, mapped = (partitioning.to_host(x) for x in outputs)  # blocks on this batch only
         real = host["weight"] > 0  # the last batch's filler rows point at row 0
         rows = host["index"][real]
         filled[rows] = True
         if arrays is not None:
             arrays["logits"][rows] = logits[real]
-            arrays["cls"][rows] = cls[real]
+            arrays["features"][rows] = mapped[real]
 
     def split(batch: dict[str, np.ndarray]) -> tuple[dict, dict]:
         host = {k: batch[k] for k in ("index", "weight")}
@@ -214,12 +216,12 @@ def _compute(graphdef, params, tokenized: data.Tokenized, layer_map: tuple[int, 
     return shapes
 
 
-def _write_manifest(folder: Path, key: str, layer_map: tuple[int, ...], dtype_name: str,
+def _write_manifest(folder: Path, key: str, layer_map: tuple[int, ...], features: str, dtype_name: str,
                     shapes: Mapping[str, tuple[np.dtype, tuple[int, ...]]]) -> None:
-    (n, c), (_, m, hidden) = shapes["logits"][1], shapes["cls"][1]
+    (n, c), (_, m, hidden) = shapes["logits"][1], shapes["features"][1]
     manifest = {
         "format": FORMAT_VERSION, "fingerprint": key, "num_examples": n, "num_labels": c,
-        "num_layers": m, "hidden_size": hidden, "layer_map": list(layer_map),
+        "num_layers": m, "hidden_size": hidden, "layer_map": list(layer_map), "features": features,
         "compute_dtype": dtype_name,
         "arrays": {name: [dtype.name, list(shape)] for name, (dtype, shape) in shapes.items()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -232,23 +234,23 @@ def _write_manifest(folder: Path, key: str, layer_map: tuple[int, ...], dtype_na
 def build_or_load(teacher_graphdef, teacher_params, tokenized: data.Tokenized,
                   layer_map: Sequence[int], *, mesh: Mesh, batch_size: int = 256,
                   cache_dir: str | os.PathLike | None = None, dtype_name: str = "float32",
-                  architecture: str = "", cls_dtype: DTypeLike = np.float16,
+                  architecture: str = "", features: str = "cls", features_dtype: DTypeLike = np.float16,
                   progress: bool = True) -> TeacherCache:
     """The teacher's outputs on ``tokenized``: loaded if cached, else computed once and stored.
 
-    ``layer_map``: 1-indexed teacher layers whose [CLS] vectors are kept (``losses.layer_map``;
-    empty for a 1-layer student, giving ``cls`` of shape [N, 0, H]). ``dtype_name``: the
+    ``layer_map``: 1-indexed teacher layers whose ``features`` ("cls" or "mean") are kept
+    (``losses.layer_map``; empty for a 1-layer student: [N, 0, H]). ``dtype_name``: the
     teacher's compute dtype and ``architecture`` its static settings (``repr(model.config)``),
     both part of the fingerprint. ``cache_dir`` defaults to
     ``data.cache_root() / "teacher"``. ``batch_size`` must be a multiple of the mesh's devices.
     """
     layer_map = tuple(int(i) for i in layer_map)
-    cls_dtype = np.dtype(cls_dtype)
+    features_dtype = np.dtype(features_dtype)
     partitioning.check_batch_size(batch_size, mesh)
-    key = fingerprint(teacher_params, tokenized, layer_map, dtype_name, architecture)
+    key = fingerprint(teacher_params, tokenized, layer_map, dtype_name, architecture, features)
     root = Path(cache_dir) if cache_dir is not None else data.cache_root() / "teacher"
-    entry = root / f"{key}-{cls_dtype.name}"
-    found = _load(entry, key, len(tokenized), layer_map, cls_dtype)
+    entry = root / f"{key}-{features_dtype.name}"
+    found = _load(entry, key, len(tokenized), layer_map, features_dtype)
     # Every process must take the same branch: the build below has collectives.
     if jax.process_count() > 1:
         found_everywhere = multihost_utils.process_allgather(np.int32(found is not None))
@@ -261,15 +263,15 @@ def build_or_load(teacher_graphdef, teacher_params, tokenized: data.Tokenized,
     log.info("computing teacher outputs for %d examples into %s", len(tokenized), entry)
     if jax.process_index() == 0:  # the writer: a staged folder, published when complete
         with fsutil.staged_dir(entry) as tmp:
-            shapes = _compute(teacher_graphdef, teacher_params, tokenized, layer_map, mesh,
-                              batch_size, cls_dtype, tmp, progress)
-            _write_manifest(tmp, key, layer_map, dtype_name, shapes)
+            shapes = _compute(teacher_graphdef, teacher_params, tokenized, layer_map, features, mesh,
+                              batch_size, features_dtype, tmp, progress)
+            _write_manifest(tmp, key, layer_map, features, dtype_name, shapes)
     else:
-        _compute(teacher_graphdef, teacher_params, tokenized, layer_map, mesh, batch_size,
-                 cls_dtype, None, progress)
+        _compute(teacher_graphdef, teacher_params, tokenized, layer_map, features, mesh, batch_size,
+                 features_dtype, None, progress)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"pkd_jax.teacher_cache:{key}")
-    built = _load(entry, key, len(tokenized), layer_map, cls_dtype)
+    built = _load(entry, key, len(tokenized), layer_map, features_dtype)
     if built is None:
         raise RuntimeError(f"teacher cache entry {entry} unreadable after writing it; with "
                            "several processes, cache_dir must be on a shared filesystem")

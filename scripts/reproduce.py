@@ -40,11 +40,10 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ lives at the repo root, beside run.py
 from configs import finetune, sweep as sweep_config
-from pkd_jax import bert, checkpoints, data, fsutil, metrics, report, sweep, train
+from pkd_jax import advise, bert, checkpoints, fsutil, metrics, report, sweep, train
 
 METHODS = ("FT", "KD", "PKD-Last", "PKD-Skip")
 
@@ -241,20 +240,6 @@ def speed_table(model_dirs: dict[str, str], repeats: int) -> list[dict]:
     return rows
 
 
-def cls_spread(model_dir: Path, task: str, args, examples: int = 256) -> list[float]:
-    """Per teacher layer: the mean squared distance of the L2-normalised [CLS] vectors of the first
-    `examples` dev examples to their mean. Near 0, that layer's [CLS] is the same for every input,
-    and a patient loss towards it teaches the student nothing about the input."""
-    model = checkpoints.load_pretrained(model_dir)
-    ds = data.load_split(task, data.dev_split(task), glue_dir=args.glue_dir)
-    tok = data.tokenize(ds.select(range(min(examples, len(ds)))), checkpoints.load_tokenizer(model_dir),
-                        args.max_seq_length)
-    batch = next(data.eval_batches(tok, len(tok), bucket=False))
-    cls = np.asarray(model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], deterministic=True).cls)
-    unit = cls / np.linalg.norm(cls, axis=-1, keepdims=True)  # [L, B, H]
-    return [float(x) for x in ((unit - unit.mean(1, keepdims=True)) ** 2).sum(-1).mean(1)]
-
-
 def _student(summary: dict, task: str, k: int, method: str) -> dict | None:
     """One method's result, or None where --report-only found it unfinished."""
     return summary["students"].get(task, {}).get(str(k), {}).get(method)
@@ -341,7 +326,8 @@ def main(argv=None) -> int:
         summary["teacher"]["metrics"][task] = res["metrics"]
         summary["teacher"]["score"][task] = res["metrics"]["score"]
         summary["teacher"]["layers"] = res["model"]["layers"]
-        summary["teacher"]["cls_spread"][task] = cls_spread(teacher_dir / "model", task, args)
+        summary["teacher"]["cls_spread"][task] = advise.layer_spreads(
+            str(teacher_dir / "model"), task, glue_dir=args.glue_dir, max_seq_length=args.max_seq_length)["cls"]
         students = summary["students"][task] = {}
         for k in sorted(args.layers, key=lambda k: k not in tune_layers):  # tuned depths first
             if task not in tune_tasks:

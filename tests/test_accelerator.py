@@ -197,7 +197,7 @@ def test_distill_step_compiles_once_and_runs_without_host_transfers(mode):
     if mode == "cached":
         rng = np.random.default_rng(1)
         batch["teacher_logits"] = rng.normal(size=(16, 2)).astype(np.float32)
-        batch["teacher_cls"] = rng.normal(size=(16, len(layer_map), config.hidden_size)).astype(np.float16)
+        batch["teacher_features"] = rng.normal(size=(16, len(layer_map), config.hidden_size)).astype(np.float16)
     step = steps.make_distill_step(graphdef, tx, layer_map=layer_map,
                                    teacher_graphdef=t_graphdef if mode == "online" else None)
     state = partitioning.place_state(state, mesh)
@@ -229,7 +229,7 @@ def test_vmapped_sweep_chunk_trains_and_evaluates_on_device():
     batch["attention_mask"][-1, :4] = 1
     rng = np.random.default_rng(1)
     batch["teacher_logits"] = rng.normal(size=(16, 2)).astype(np.float32)
-    batch["teacher_cls"] = rng.normal(size=(16, len(layer_map), config.hidden_size)).astype(np.float16)
+    batch["teacher_features"] = rng.normal(size=(16, len(layer_map), config.hidden_size)).astype(np.float16)
     for _ in range(2):
         stacked, m = step(stacked, None, partitioning.shard_batch(batch, mesh))
     assert np.isfinite(jax.device_get(m["loss"])).all() and m["loss"].shape == (g,)
@@ -253,7 +253,7 @@ def _async_save_then_donated_step(tmp_path):
     batch = _batch(config, b=16)
     batch["attention_mask"][-1, :4] = 1
     batch["teacher_logits"] = np.zeros((16, 2), np.float32)
-    batch["teacher_cls"] = np.ones((16, len(layer_map), config.hidden_size), np.float16)
+    batch["teacher_features"] = np.ones((16, len(layer_map), config.hidden_size), np.float16)
     batch = partitioning.shard_batch(batch, mesh)
     state, _ = step(state, None, batch)
     host = jax.device_get(state)
@@ -333,5 +333,5 @@ def test_cudnn_arguments_describe_the_masked_path():
     mask, lengths = bert.attention_inputs(jnp.asarray(batch["attention_mask"]))
     q, k, v = jax.random.normal(jax.random.key(0), (3, 4, 24, attention.num_heads, attention.head_dim))
     cudnn_args = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="xla")
-    np.testing.assert_allclose(attention._attention(q, k, v, mask, None), cudnn_args, atol=1e-6)
+    np.testing.assert_allclose(attention._attention(q, k, v, mask, None)[0], cudnn_args, atol=1e-6)
     np.testing.assert_allclose(cudnn_args[-1], jnp.broadcast_to(v[-1, :1], v[-1].shape), atol=1e-6)  # key 0 only

@@ -50,6 +50,34 @@ def test_float32_matches_transformers(minilm_dir, batch, reference):
     assert out.cls.dtype == out.logits.dtype == jnp.float32
 
 
+def test_mean_features_and_attentions_match_transformers(minilm_dir, batch, reference, tokenizer):
+    """`mean`: the masked mean over real tokens of layers 1..L-1 (sentence-transformers' pooling);
+    `attentions`: the probabilities of layers 1..L-1, both against transformers on a padded batch.
+    Neither changes the other outputs, and the top layer still computes only its [CLS] row."""
+    hidden_ref, _ = reference
+    model = checkpoints.load_pretrained(minilm_dir)
+    plain, out = _run(model, batch), _run(model, batch, output_attentions=True)
+    real = batch["attention_mask"][None, :, :, None].astype(np.float64)
+    want = (hidden_ref[1:-1] * real).sum(2) / real.sum(2)
+    assert out.mean.shape == (5, 3, 384) and out.mean.dtype == jnp.float32
+    np.testing.assert_allclose(out.mean, want, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(plain.mean, out.mean)
+    np.testing.assert_array_equal(plain.logits, out.logits)
+    padded = batch["attention_mask"].argmin(-1)[2]  # the shortest row: tokens past its end are padding
+    assert padded > 0 and not np.allclose(out.mean[:, 2], hidden_ref[1:-1, 2].mean(1), atol=1e-3)
+    hf = transformers.BertModel.from_pretrained(str(minilm_dir), attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = hf(**{k: torch.from_numpy(v).long() for k, v in batch.items()}, output_attentions=True).attentions
+    assert out.attentions.shape == (5, 3, 12, batch["input_ids"].shape[1], batch["input_ids"].shape[1])
+    for layer in range(5):
+        real_q = batch["attention_mask"][:, :, None, None].transpose(0, 2, 1, 3) > 0  # [B, 1, S(query), 1]
+        np.testing.assert_allclose(np.where(real_q, out.attentions[layer], 0), np.where(real_q, ref[layer], 0),
+                                   atol=1e-5, rtol=0)
+    one = checkpoints.load_pretrained(minilm_dir, num_layers=1)
+    single = _run(one, batch, output_attentions=True)
+    assert single.mean.shape == (0, 3, 384) and single.attentions.shape[0] == 0
+
+
 def test_top_layer_on_the_cls_row_alone_matches_transformers(minilm_dir, batch, reference):
     """Without hidden_states the top layer computes only the [CLS] row: same cls, pooled, logits."""
     hidden_ref, pooled_ref = reference
@@ -239,7 +267,7 @@ def test_attention_equals_jax_dot_product_attention(minilm_dir):
     lengths = jnp.array([16, 9])
     mask = (jnp.arange(16) < lengths[:, None])[:, None, None, :]
     want = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
-    np.testing.assert_allclose(attention._attention(q, k, v, mask, None), want, atol=1e-5)
+    np.testing.assert_allclose(attention._attention(q, k, v, mask, None)[0], want, atol=1e-5)
 
 
 def test_remat_gives_the_same_gradients(minilm_dir, batch):

@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LIBRARY = REPO / "pkd_jax"
-TOOLS = ("pkd_jax.report",)  # on top of the library, like benchmarks/ and scripts/
+TOOLS = ("pkd_jax.report", "pkd_jax.advise")  # on top of the library, like benchmarks/ and scripts/
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 450, 80
 
 

@@ -299,3 +299,13 @@ def test_sweep_without_sweep_csv_is_a_clear_error(tmp_path, capsys):
     assert report.is_sweep(w)
     assert report.main([str(w)]) == 2
     assert f"{w}: a sweep workdir without sweep.csv" in capsys.readouterr().err
+
+
+def test_method_labels_name_the_objectives_beyond_the_papers(tmp_path):
+    def label(**config):
+        return report.method_label(report.Run(tmp_path, {"kind": "distill", "layers": 3, **config}, [], None))
+
+    assert label(beta=100.0, strategy="skip") == "PKD-Skip-3"
+    assert label(beta=100.0, strategy="last", patient_features="mean", distance="cka") == "PKD-Last-3 (mean, cka)"
+    assert label(beta=10.0, strategy="2,4", hidden_mse=1.0, attention_kl=0.5) == "PKD-[2,4]-3 (+hidden, +attention)"
+    assert label(beta=0.0, attention_kl=1.0) == "KD-3 (+attention)"

@@ -97,7 +97,7 @@ def test_cached_teacher_outputs_equal_online(minilm_dir, teacher, batch):
     mesh = partitioning.make_mesh()
     out = bert.apply(teacher[0], teacher[1], {k: jnp.asarray(v) for k, v in batch.items()})
     cached = dict(batch, teacher_logits=np.asarray(out.logits),
-                  teacher_cls=np.asarray(out.cls[np.array(LAYER_MAP) - 1]).transpose(1, 0, 2))
+                  teacher_features=np.asarray(out.cls[np.array(LAYER_MAP) - 1]).transpose(1, 0, 2))
     tx, graphdef, state = _student(minilm_dir)
     online_fn = steps.compile_step(
         steps.make_distill_step(graphdef, tx, layer_map=LAYER_MAP, teacher_graphdef=teacher[0]), state, mesh)

@@ -190,7 +190,7 @@ def _tiny_batch(rows=16, length=24, mapped_layers=2):
             "attention_mask": (np.arange(length) < rng.integers(4, length, rows)[:, None]).astype(np.int32),
             "labels": rng.integers(0, 2, rows, dtype=np.int32),
             "teacher_logits": rng.normal(size=(rows, 2)).astype(np.float32),
-            "teacher_cls": rng.normal(size=(rows, mapped_layers, TINY.hidden_size)).astype(np.float32)}
+            "teacher_features": rng.normal(size=(rows, mapped_layers, TINY.hidden_size)).astype(np.float32)}
 
 
 def test_vmapped_step_equals_separate_steps():

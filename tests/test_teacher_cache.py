@@ -75,15 +75,15 @@ def test_values_match_direct_forward(built, direct):
     logits, cls = direct
     assert not built.reused
     assert built.logits.dtype == np.float32 and built.logits.shape == (N, 2)
-    assert built.cls.dtype == np.float16 and built.cls.shape == (N, len(LAYER_MAP), 384)
-    assert isinstance(built.logits, np.memmap) and isinstance(built.cls, np.memmap)
+    assert built.features.dtype == np.float16 and built.features.shape == (N, len(LAYER_MAP), 384)
+    assert isinstance(built.logits, np.memmap) and isinstance(built.features, np.memmap)
     np.testing.assert_allclose(built.logits, logits, atol=1e-5, rtol=0)
-    _assert_cls_close(built.cls, cls)
+    _assert_cls_close(built.features, cls)
     assert not np.array_equal(cls[:, 0], cls[:, 1])  # two different layers, in map order
 
 
 def test_entry_files_and_manifest(built):
-    assert sorted(os.listdir(built.path)) == ["cls.npy", "logits.npy", "manifest.json"]
+    assert sorted(os.listdir(built.path)) == ["features.npy", "logits.npy", "manifest.json"]
     assert built.path.name == f"{built.fingerprint}-float16"
     manifest = json.loads((built.path / "manifest.json").read_text())
     assert manifest["fingerprint"] == built.fingerprint
@@ -91,7 +91,7 @@ def test_entry_files_and_manifest(built):
     assert (manifest["num_examples"], manifest["num_labels"], manifest["num_layers"],
             manifest["hidden_size"]) == (N, 2, 2, 384)
     assert manifest["layer_map"] == list(LAYER_MAP)
-    assert manifest["arrays"] == {"logits": ["float32", [N, 2]], "cls": ["float16", [N, 2, 384]]}
+    assert manifest["arrays"] == {"logits": ["float32", [N, 2]], "features": ["float16", [N, 2, 384]]}
     assert manifest["created"]
     assert not [p for p in built.path.parent.iterdir() if ".tmp-" in p.name]  # cleaned up
 
@@ -100,15 +100,15 @@ def test_add_to_gathers_rows_of_shuffled_batch(built, tok, direct):
     batch = next(data.train_batches(tok, BATCH, seed=3))
     assert not np.array_equal(batch["index"], np.sort(batch["index"]))  # really shuffled
     out = built.add_to(batch)
-    assert set(out) == set(batch) | {"teacher_logits", "teacher_cls"}
+    assert set(out) == set(batch) | {"teacher_logits", "teacher_features"}
     assert "teacher_logits" not in batch  # a new dict, the input is untouched
     for key in batch:
         assert out[key] is batch[key]
     assert out["teacher_logits"].dtype == np.float32 and out["teacher_logits"].shape == (BATCH, 2)
-    assert out["teacher_cls"].dtype == np.float16 and out["teacher_cls"].shape == (BATCH, 2, 384)
-    assert type(out["teacher_cls"]) is np.ndarray  # a copy, not a view of the memory map
+    assert out["teacher_features"].dtype == np.float16 and out["teacher_features"].shape == (BATCH, 2, 384)
+    assert type(out["teacher_features"]) is np.ndarray  # a copy, not a view of the memory map
     np.testing.assert_allclose(out["teacher_logits"], direct[0][batch["index"]], atol=1e-5)
-    _assert_cls_close(out["teacher_cls"], direct[1][batch["index"]])
+    _assert_cls_close(out["teacher_features"], direct[1][batch["index"]])
 
 
 def test_second_call_reuses_without_running_the_teacher(built, teacher, tok, mesh, monkeypatch):
@@ -123,8 +123,8 @@ def test_second_call_reuses_without_running_the_teacher(built, teacher, tok, mes
                                         progress=False)
     assert again.reused and again.path == built.path and again.fingerprint == built.fingerprint
     np.testing.assert_array_equal(again.logits, built.logits)
-    np.testing.assert_array_equal(again.cls, built.cls)
-    assert again.cls.mode == "r"  # read-only memory map
+    np.testing.assert_array_equal(again.features, built.features)
+    assert again.features.mode == "r"  # read-only memory map
 
 
 def test_load_never_unpickles(built, teacher, tok, mesh, monkeypatch):
@@ -139,7 +139,7 @@ def test_load_never_unpickles(built, teacher, tok, mesh, monkeypatch):
     assert _build(teacher, tok, mesh, built.path.parent).reused
     assert calls and all(c.get("allow_pickle") is False and c.get("mmap_mode") == "r"
                          for c in calls)
-    for name in ("logits.npy", "cls.npy"):
+    for name in ("logits.npy", "features.npy"):
         assert not real_load(built.path / name, allow_pickle=False).dtype.hasobject
 
 
@@ -187,7 +187,7 @@ def test_changed_inputs_rebuild(built, teacher, tok, rte, tokenizer, mesh, direc
     assert len(paths) == 4
     assert not (other_map.reused or other_params.reused or other_length.reused)
     assert not np.array_equal(other_params.logits, built.logits)
-    assert not np.array_equal(other_map.cls, built.cls)
+    assert not np.array_equal(other_map.features, built.features)
     assert built.logits.shape == other_length.logits.shape  # same rows, shorter inputs
     # The original entry is intact and still the one its inputs find.
     again = _build(teacher, tok, mesh, cache_dir)
@@ -200,9 +200,9 @@ def _damage(entry, how):
         entry.rename(entry.with_name(f".{entry.name}.tmp-killed"))
     elif how == "no manifest":
         (entry / "manifest.json").unlink()
-    elif how == "truncated cls.npy":
-        size = (entry / "cls.npy").stat().st_size
-        os.truncate(entry / "cls.npy", size // 2)
+    elif how == "truncated features.npy":
+        size = (entry / "features.npy").stat().st_size
+        os.truncate(entry / "features.npy", size // 2)
     elif how == "garbled manifest":
         (entry / "manifest.json").write_text('{"format": 1, "fingerp')
     elif how == "other fingerprint in manifest":
@@ -212,7 +212,7 @@ def _damage(entry, how):
         np.save(entry / "logits.npy", np.zeros((N - 1, 2), np.float32), allow_pickle=False)
 
 
-@pytest.mark.parametrize("how", ["only a temporary folder", "no manifest", "truncated cls.npy",
+@pytest.mark.parametrize("how", ["only a temporary folder", "no manifest", "truncated features.npy",
                                  "garbled manifest", "other fingerprint in manifest",
                                  "wrong row count"])
 def test_partial_entries_are_rebuilt(built, teacher, tok, mesh, tmp_path, direct, how):
@@ -222,7 +222,7 @@ def test_partial_entries_are_rebuilt(built, teacher, tok, mesh, tmp_path, direct
     rebuilt = _build(teacher, tok, mesh, tmp_path)
     assert not rebuilt.reused and rebuilt.path == entry
     np.testing.assert_allclose(rebuilt.logits, direct[0], atol=1e-5)
-    _assert_cls_close(rebuilt.cls, direct[1])
+    _assert_cls_close(rebuilt.features, direct[1])
     assert _build(teacher, tok, mesh, tmp_path).reused
 
 
@@ -244,18 +244,18 @@ def test_interrupted_build_leaves_no_entry(teacher, tok, mesh, tmp_path, monkeyp
 
 def test_single_layer_student_stores_empty_cls(teacher, tok, mesh, tmp_path, direct):
     cache = _build(teacher, tok, mesh, tmp_path, layer_map=())
-    assert cache.cls.shape == (N, 0, 384)
+    assert cache.features.shape == (N, 0, 384)
     np.testing.assert_allclose(cache.logits, direct[0], atol=1e-5)
     batch = cache.add_to(next(data.train_batches(tok, BATCH, seed=0)))
-    assert batch["teacher_cls"].shape == (BATCH, 0, 384)
+    assert batch["teacher_features"].shape == (BATCH, 0, 384)
     assert _build(teacher, tok, mesh, tmp_path, layer_map=()).reused
 
 
 def test_float32_cls_is_exact_and_separate(built, teacher, tok, mesh, direct):
-    cache = _build(teacher, tok, mesh, built.path.parent, cls_dtype=np.float32)
+    cache = _build(teacher, tok, mesh, built.path.parent, features_dtype=np.float32)
     assert not cache.reused and cache.path != built.path and cache.fingerprint == built.fingerprint
-    assert cache.cls.dtype == np.float32
-    np.testing.assert_allclose(cache.cls, direct[1], atol=1e-5, rtol=0)
+    assert cache.features.dtype == np.float32
+    np.testing.assert_allclose(cache.features, direct[1], atol=1e-5, rtol=0)
 
 
 def test_batch_size_must_divide_over_the_mesh(teacher, tok, mesh, tmp_path):

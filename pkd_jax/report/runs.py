@@ -168,16 +168,21 @@ def task_order(task: str) -> int:
 
 
 def method_label(run: Run) -> str:
-    """Teacher | FT-k | KD-k | PKD-Skip-k | PKD-Last-k | PKD-[i,j]-k (see the package docstring)."""
-    k = run.layers
+    """Teacher | FT-k | KD-k | PKD-Skip-k | PKD-Last-k | PKD-[i,j]-k (see the package docstring),
+    followed by what differs from the paper's objective: " (mean, cka, +hidden, +attention)"."""
+    k, c = run.layers, run.config
     if run.kind == "finetune":
-        return "Teacher" if run.config.get("layers") is None else f"FT-{k}"
-    if float(run.config.get("beta", 0.0)) == 0:
-        return f"KD-{k}"
-    strategy = str(run.config.get("strategy", "skip"))
-    if strategy in ("skip", "last"):
-        return f"PKD-{strategy.capitalize()}-{k}"
-    return f"PKD-[{strategy}]-{k}"
+        return "Teacher" if c.get("layers") is None else f"FT-{k}"
+    extras = [name for name, on in (("+hidden", float(c.get("hidden_mse", 0.0)) > 0),
+                                     ("+attention", float(c.get("attention_kl", 0.0)) > 0)) if on]
+    suffix = lambda parts: f" ({', '.join(parts)})" if parts else ""  # noqa: E731
+    if float(c.get("beta", 0.0)) == 0:
+        return f"KD-{k}" + suffix(extras)
+    patient = [v for key, default in (("patient_features", "cls"), ("distance", "mse"))
+               if (v := str(c.get(key, default))) != default]
+    strategy = str(c.get("strategy", "skip"))
+    name = f"PKD-{strategy.capitalize()}-{k}" if strategy in ("skip", "last") else f"PKD-[{strategy}]-{k}"
+    return name + suffix(patient + extras)
 
 
 def _same_dir(a: str | os.PathLike, b: str | os.PathLike) -> bool:
