@@ -38,9 +38,13 @@ demo: $(VENV)/.runtime
 	    --workdir=$(RUNS)/pkd-skip3 $(DEMO_ARGS) --config.num_epochs=4 --config.learning_rate=2e-4
 	$(PY) -m pkd_jax.report $(RUNS)/teacher $(RUNS)/pkd-skip3 --out $(RUNS)/report --speed
 
-# pytest exits 5 when it collects no tests; that is not a failure of the suite.
+# pytest exits 5 when it collects no tests; that is not a failure of the suite. Two workers, one
+# test file each at a time (module fixtures are built once): XLA compiles on one core, so two
+# files in flight keep a 2-core machine busy. TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.test
-	$(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+	$(PY) -m pytest tests $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS); \
+	    rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 bench: $(VENV)/.test
 	$(PY) -m benchmarks

@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--glue-dir", type=Path, default=REPO.parent / "shared" / "glue",
                    help="a local GLUE folder holding SST-2 (official layout)")
     p.add_argument("--out", type=Path, default=Path("runs/accel_check"), help="where results go")
+    p.add_argument("--tokenizer", default="minilm-l6",
+                   help="the uncased BERT vocabulary for the loop stage: a known name or a folder")
     p.add_argument("--stages", default=",".join(STAGES), help=f"a subset of {','.join(STAGES)}")
     args = p.parse_args(argv)
     args.stages = [s for s in args.stages.split(",") if s]
@@ -106,7 +108,7 @@ def run_bench(args) -> list[dict[str, Any]]:
     from benchmarks import __main__ as bench
 
     lines = []
-    common = ["--repeats=2", "--warmup=1"] if args.smoke else ["--repeats=10", "--warmup=2"]
+    common = ["--repeats=1", "--warmup=0"] if args.smoke else ["--repeats=10", "--warmup=2"]
     with open(args.out / "bench.jsonl", "w") as f:
         for suite in _BENCH_SMOKE if args.smoke else _BENCH_FULL:
             _log("bench: python -m benchmarks " + " ".join(suite + common))
@@ -123,7 +125,7 @@ def run_bench(args) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 
 
-def _teacher_folder(folder: Path, smoke: bool) -> Path:
+def _teacher_folder(folder: Path, smoke: bool, tokenizer: str) -> Path:
     """A random-init BERT-base-size SST-2 classifier with the uncased BERT vocabulary."""
     from flax import nnx
 
@@ -133,7 +135,7 @@ def _teacher_folder(folder: Path, smoke: bool) -> Path:
             if smoke else {})
     config = bert.BertConfig(**size, num_labels=2, label_names=("negative", "positive"))
     model = bert.BertForSequenceClassification(config, rngs=nnx.Rngs(0))
-    return checkpoints.save_pretrained(model, folder, checkpoints.load_tokenizer("minilm-l6"))
+    return checkpoints.save_pretrained(model, folder, checkpoints.load_tokenizer(tokenizer))
 
 
 def _loop_config(args, teacher: Path):
@@ -142,13 +144,13 @@ def _loop_config(args, teacher: Path):
     fields = {"num_epochs": 1.0, "batch_size": 32, "max_seq_length": 64 if args.smoke else 128,
               "predict_test": False, "progress": False, "cache_dir": str(args.out / "loop" / "cache")}
     if args.smoke:  # bf16 end to end on a CPU as well
-        fields.update(train_examples=640, eval_examples=128, dtype="bfloat16", checkpoint_every_steps=10)
+        fields.update(train_examples=320, eval_examples=64, dtype="bfloat16", checkpoint_every_steps=5)
     arg = f"task=sst2,teacher={teacher},model={teacher},layers={layers},strategy=skip,glue_dir={args.glue_dir}"
     return arg, fields
 
 
 def run_loop(args, env) -> dict[str, Any]:
-    teacher = _teacher_folder(args.out / "loop" / "teacher_model", args.smoke)
+    teacher = _teacher_folder(args.out / "loop" / "teacher_model", args.smoke, args.tokenizer)
     arg, fields = _loop_config(args, teacher)
     workdir = args.out / "loop" / "student"
     cmd = [sys.executable, "run.py", f"--config=configs/pkd.py:{arg}", f"--workdir={workdir}",

@@ -61,7 +61,7 @@ def main():
     # 32 rows: 4 per device, and the last of 4 batches is partly filler (weight 0).
     logits = evaluate.predict(jax.jit(steps.make_logits_fn(graphdef)), params, tok, mesh, 32)
     cache = teacher_cache.build_or_load(graphdef, params, tok, (2, 4), mesh=mesh, batch_size=32,
-                                        cache_dir=cache_dir / "teacher", cls_dtype=np.float32,
+                                        cache_dir=cache_dir / "teacher", features_dtype=np.float32,
                                         progress=False)
     print(json.dumps({"owners": [d.process_index for d in mesh.devices.flat],
                       "metrics": evaluate.scores("rte", logits, tok.labels),

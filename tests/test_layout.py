@@ -138,8 +138,13 @@ def test_runtime_requirements_are_exactly_what_the_code_imports():
         f"required, not imported: {sorted(_requirements('requirements.txt') - imported)}")
 
 
+# pytest plugins that `make test` runs with: required, never imported.
+PLUGINS = {"pytest-xdist"}
+
+
 def test_test_requirements_are_what_tests_and_benchmarks_add():
     extra = _third_party([*(REPO / "tests").glob("*.py"), *(REPO / "benchmarks").rglob("*.py"),
                           *(REPO / "scripts").glob("*.py")], skip={"tensorflow_datasets"})
     extra -= _requirements("requirements.txt") | {"jaxlib"}
-    assert extra == _requirements("requirements-test.txt"), extra
+    assert extra | PLUGINS == _requirements("requirements-test.txt"), extra
+    assert "-n $(TEST_WORKERS)" in (REPO / "Makefile").read_text()  # xdist: the one plugin

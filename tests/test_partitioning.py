@@ -64,7 +64,7 @@ def _run_workers(glue_dir, cache_dir, processes: int, devices_each: int, *extra)
 
 def _teacher_rows(result: dict) -> tuple[np.ndarray, np.ndarray]:
     folder = Path(result["cache"])
-    return np.load(folder / "logits.npy"), np.load(folder / "cls.npy")
+    return np.load(folder / "logits.npy"), np.load(folder / "features.npy")
 
 
 def test_interleaved_mesh_two_processes_match_one(glue_dir, tmp_path):

@@ -102,6 +102,13 @@ def test_distillation_lowers_loss_and_raises_agreement(runs):
     assert {"ce", "ds", "pt", "agreement"} <= set(first)
 
 
+def test_a_near_constant_patient_target_is_named(runs):
+    """This teacher's [CLS] below its top layers hardly varies across inputs (docs/results.md):
+    the student's run says so, naming a mapped layer, before training."""
+    warning = next(line for line in runs["first_log"].splitlines() if "hardly vary across inputs" in line)
+    assert "cls features of mapped layer(s) [2" in warning and "patient_features=mean" in warning
+
+
 def test_second_student_reuses_the_teacher_cache(runs):
     assert "teacher outputs computed" in runs["first_log"]
     assert "teacher outputs reused" in runs["second_log"]

@@ -193,9 +193,12 @@ def _tiny_batch(rows=16, length=24, mapped_layers=2):
             "teacher_features": rng.normal(size=(rows, mapped_layers, TINY.hidden_size)).astype(np.float32)}
 
 
-def test_vmapped_step_equals_separate_steps():
+@pytest.mark.parametrize("features, distance, placements", [
+    ("cls", "mse", (False, True)), ("mean", "cka", (False,))])
+def test_vmapped_step_equals_separate_steps(features, distance, placements):
     """Two steps of two students (every hyper-parameter different) against their own single
-    steps; students replicated (batch split over the 8 devices) and sharded (one per device)."""
+    steps; students replicated (batch split over the 8 devices) and sharded (one per device);
+    the paper's objective, and mean features with the CKA distance."""
     mesh, batch = partitioning.make_mesh(), _tiny_batch()
 
     def student(lr):
@@ -204,7 +207,7 @@ def test_vmapped_step_equals_separate_steps():
 
     tx, model = student(1.0)  # the stacked students' learning rates are set per student
     graphdef, base = steps.create_train_state(model, tx, seed=0)
-    step = steps.make_distill_step(graphdef, tx, layer_map=LAYER_MAP)
+    step = steps.make_distill_step(graphdef, tx, layer_map=LAYER_MAP, features=features, distance=distance)
     single = steps.compile_step(step, base, mesh)
     expected = []
     for p in POINTS:
@@ -215,7 +218,7 @@ def test_vmapped_step_equals_separate_steps():
             state, m = single(state, None, partitioning.shard_batch(batch, mesh))
         expected.append((jax.device_get(state).params, float(m["loss"])))
 
-    for shard_students in (False, True):
+    for shard_students in placements:
         # Sharded: one student per device, so 8 (the two points, then copies of the second).
         points = POINTS + [POINTS[-1]] * (6 if shard_students else 0)
         stacked = sweep.stack_students(base, points, mesh, shard_students=shard_students)
