@@ -41,10 +41,12 @@ demo: $(VENV)/.runtime
 # pytest exits 5 when it collects no tests; that is not a failure of the suite. Two workers, one
 # test file each at a time (module fixtures are built once): XLA compiles on one core, so two
 # files in flight keep a 2-core machine busy. TEST_WORKERS=0 runs the suite in one process.
+# The slowest files are named first so that they start first (pytest collects them once).
 TEST_WORKERS ?= 2
+SLOW_TESTS := tests/test_pipeline.py tests/test_accel_check.py tests/test_reproduce.py tests/test_multiprocess.py
 test: $(VENV)/.test
-	$(PY) -m pytest tests $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS); \
-	    rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+	$(PY) -m pytest $(SLOW_TESTS) tests $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) \
+	    $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 bench: $(VENV)/.test
 	$(PY) -m benchmarks

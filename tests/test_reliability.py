@@ -141,6 +141,15 @@ def test_hidden_size_mismatch_needs_the_projection(glue_dir, tokenizer, tmp_path
     assert results["total_steps"] == 4
     logged = [json.loads(l) for l in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(l["pt"]) and l["pt"] > 0 for l in logged if l["split"] == "train")
+    # Mean features and the hidden-state term go through the same projection (teacher online);
+    # CKA compares the two widths without one, unless hidden_mse needs it.
+    mean = _distill_config(glue_dir, teacher, projection=True, patient_features="mean", hidden_mse=1.0)
+    train.train_and_evaluate(mean, tmp_path / "mean")
+    logged = [json.loads(l) for l in (tmp_path / "mean" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(l["hidden_mse"]) and l["hidden_mse"] > 0 for l in logged if l["split"] == "train")
+    setup.prepare(_distill_config(glue_dir, teacher, distance="cka"))  # no projection needed
+    with pytest.raises(ValueError, match="hidden_mse compare vectors of equal size"):
+        setup.prepare(_distill_config(glue_dir, teacher, distance="cka", hidden_mse=1.0))
 
 
 # ---- NaN, corrupt checkpoints, full disk ---------------------------------------------------------
