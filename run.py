@@ -7,36 +7,59 @@ r"""Fine-tune or distil a BERT on a GLUE task: the one entry point.
       --workdir=runs/rte/sweep-skip3
 
 Any config field can be overridden (--config.seed=1). Running the same command again resumes
-from the workdir's last checkpoint. See each config's docstring for more.
+from the workdir's last checkpoint; another config in a workdir that holds a run is refused
+(naming the differing keys) unless --restart moves that run aside. See each config's docstring.
+
+Exit status: 0 finished; 2 a problem with the input (config, data, model files), named in one line
+on stderr with its fix; 143 preempted by SIGTERM (run the same command to resume); 1 a bug.
 """
 
 import logging
+import os
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+# transformers announces at import that PyTorch is missing; pkd-jax never needs it at run time.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-from pkd_jax import loop, report, sweep, train
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from pkd_jax import loop, report, sweep, train  # noqa: E402
+from pkd_jax.errors import PkdError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py:args", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs, results and the model go.")
+_RESTART = flags.DEFINE_bool("restart", False, "Start over in a workdir that holds a run of another config "
+                             "(that run moves to WORKDIR/replaced-<time>/); without it such a workdir is refused.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+USER_ERROR = 2  # bad config, data or model files: one line on stderr; a bug keeps its traceback (1)
+
+
+def _fatal(message: str) -> None:
+    print("error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
+    sys.exit(USER_ERROR)
 
 
 def main(argv):
     del argv
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU here" on every CPU run
     logging.getLogger("pkd_jax").setLevel(logging.INFO)
     config = _CONFIG.value
-    print(f"config:\n{config}", flush=True)
+    print(f"{config.kind} {config.task} in {_WORKDIR.value} (the whole config: {_WORKDIR.value}/config.json)",
+          flush=True)
     try:
         if config.kind == "sweep":
-            results = sweep.train_grid(config, _WORKDIR.value, on_progress=report.write_sweep_report)
+            results = sweep.train_grid(config, _WORKDIR.value, on_progress=report.write_sweep_report,
+                                       restart=_RESTART.value)
         else:
-            results = train.train_and_evaluate(config, _WORKDIR.value)
+            results = train.train_and_evaluate(config, _WORKDIR.value, restart=_RESTART.value)
     except loop.Preempted as e:
         print(e, file=sys.stderr)
         sys.exit(143)  # 128 + SIGTERM: "terminated", not finished
+    except (PkdError, FloatingPointError) as e:  # FloatingPointError: the loss diverged (message says what to do)
+        _fatal(e)
     best = results["best"]
     point = sweep.describe(best) if config.kind == "sweep" else ""
     print(f"best dev {results['metric']} = {best['metrics']['score']:.4f} at step {best['step']}{point}; "
@@ -44,16 +67,17 @@ def main(argv):
 
 
 def parse_flags(argv):
-    """absl's parser, but an unknown --config.KEY gets a one-line error instead of a traceback."""
+    """absl's parser, but a bad flag or config key is one line naming it, and exit status 2."""
     try:
         return flags.FLAGS(argv)
     except AttributeError as e:  # ml_collections: the key does not exist in the (locked) config
         key = str(e).strip("\"'")
         bad = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0].split(".")]
         files = [a.split("=", 1)[1].split(":")[0] for a in argv[1:] if a.startswith("--config=")]
-        print(f"FATAL Flags parsing error: {' '.join(bad) or key}: {key!r} is not a config key; the "
-              f"fields are listed in {' and '.join(files + ['configs/common.py'])}", file=sys.stderr)
-        sys.exit(1)
+        _fatal(f"Flags parsing error: {' '.join(bad) or key}: {key!r} is not a config key; the fields are "
+               f"listed in {' and '.join(files + ['configs/common.py'])}")
+    except flags.Error as e:
+        _fatal(f"Flags parsing error: {e}")
 
 
 if __name__ == "__main__":

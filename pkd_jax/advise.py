@@ -59,12 +59,13 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from pkd_jax import bert, checkpoints, data, fsutil, losses, partitioning, targets
+from pkd_jax.errors import PkdError
 
 CLEARLY_BETTER = 0.05  # mean-CKA margin by which the most-similar map must beat skip and last
 _NAMES = {"cls": "[CLS]", "mean": "mean"}
 
 
-class AdviceError(ValueError):
+class AdviceError(PkdError):
     """A problem the user can fix (bad path, missing data, impossible depth): exit status 2."""
 
 

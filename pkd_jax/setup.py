@@ -1,4 +1,4 @@
-"""Config checks and the parts of a run built from a config: mesh, data, teacher, student recipe.
+"""The parts of a run built from a (checked) config: mesh, data, teacher, student recipe.
 
 `prepare(config)` checks the config, joins the other processes, builds the mesh, loads the
 teacher, the tokenizer and the tokenised splits, and returns a `Setup`, from which a single run
@@ -19,88 +19,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pkd_jax import bert, checkpoints, data, losses, optim, partitioning, steps, targets
+from pkd_jax import bert, checkpoints, checks, data, optim, partitioning, steps, targets
+from pkd_jax.checks import check_config, compute_dtype  # noqa: F401  (setup.check_config: the documented entry)
+from pkd_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-KINDS = ("finetune", "distill")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-# --------------------------------------------------------------------------------------------
-# Config checks
-# --------------------------------------------------------------------------------------------
-
-
-def _fail(key: str, value, expected: str):
-    raise ValueError(f"config.{key}={value!r}: expected {expected}")
-
-
-def check_config(config) -> None:
-    """Fail at once, naming the key, on values the run could only trip over later."""
-    if config.kind not in KINDS:
-        _fail("kind", config.kind, " or ".join(KINDS))
-    if config.task not in data.TASKS:
-        _fail("task", config.task, "one of " + ", ".join(data.TASKS))
-    if config.dtype not in ("auto", *_DTYPES):
-        _fail("dtype", config.dtype, "auto, float32 or bfloat16")
-    for key in ("batch_size", "eval_batch_size", "max_seq_length", "log_every_steps", "keep_checkpoints"):
-        if config[key] < 1:
-            _fail(key, config[key], "a positive integer")
-    for key in ("max_steps", "train_examples", "eval_examples", "test_examples", "layers"):
-        if config[key] is not None and config[key] < 1:
-            _fail(key, config[key], "a positive integer or None")
-    if config.num_epochs <= 0 or config.learning_rate <= 0:
-        _fail("num_epochs" if config.num_epochs <= 0 else "learning_rate",
-              min(config.num_epochs, config.learning_rate), "a positive number")
-    if not 0 <= config.warmup_fraction < 1:
-        _fail("warmup_fraction", config.warmup_fraction, "a fraction in [0, 1)")
-    if config.model is None and config.kind == "finetune":
-        _fail("model", None, "a pretrained checkpoint (minilm-l6, bert-base, an HF folder or hub id)")
-    if config.kind == "distill":
-        _check_distill_config(config)
-
-
-def _check_distill_config(config) -> None:
-    if not config.teacher:
-        _fail("teacher", config.teacher, "a finished run's workdir, an HF folder or hub id")
-    if config.teacher_mode not in ("auto", "cached", "online"):
-        _fail("teacher_mode", config.teacher_mode, "auto, cached or online")
-    if config.teacher_mode == "cached" and config.teacher_dropout:
-        _fail("teacher_mode", "cached", "online (or auto) when teacher_dropout is on")
-    for key in ("hidden_mse", "attention_kl"):
-        if config[key] < 0:
-            _fail(key, config[key], "a weight >= 0 (0: off)")
-        if config[key] > 0 and config.teacher_mode == "cached":
-            _fail("teacher_mode", "cached", f"online (or auto) when {key} > 0: it compares per-token "
-                  "teacher states, which are not cached (S x H values per example and layer)")
-    if config.patient_features not in bert.FEATURES:
-        _fail("patient_features", config.patient_features, " or ".join(bert.FEATURES))
-    if config.mode not in losses.MODES:
-        _fail("mode", config.mode, " or ".join(losses.MODES))
-    if not 0 <= config.alpha <= 1 or config.beta < 0 or config.temperature <= 0:
-        raise ValueError(f"config.alpha={config.alpha}, beta={config.beta}, temperature="
-                         f"{config.temperature}: expected 0 <= alpha <= 1, beta >= 0, temperature > 0")
-    layer_strategy(config.strategy)
-    losses.get_distance(config.distance)
-
-
-def layer_strategy(value: str):
-    """config.strategy ('skip' | 'last' | '2,4') -> the argument of losses.layer_map."""
-    if value in losses.STRATEGIES:
-        return value
-    try:
-        return [int(v) for v in value.split(",")]
-    except ValueError:
-        _fail("strategy", value, "skip, last or comma-separated teacher layers such as 2,4")
-
-
-def compute_dtype(name: str):
-    """config.dtype -> a jnp dtype; auto is bfloat16 on GPU and TPU, float32 on CPU."""
-    if name == "auto":
-        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
-    return _DTYPES[name]
-
 
 # --------------------------------------------------------------------------------------------
 # Teacher and student
@@ -115,31 +38,13 @@ def _teacher_source(config) -> tuple[str, str]:
         if pretrained is None and (run / "config.json").exists():
             pretrained = json.loads((run / "config.json").read_text()).get("model")
         if pretrained is None:
-            _fail("model", None, f"the pretrained checkpoint to initialise the student from "
-                  f"({run / 'config.json'} does not say which one the teacher started from)")
+            raise ConfigError(f"config.model=None: expected the pretrained checkpoint to initialise the student "
+                              f"from ({run / 'config.json'} does not say which one the teacher started from)")
         return str(run / "model"), pretrained
     if config.model is None:
-        _fail("model", None, "the pretrained checkpoint to initialise the student from "
-              "(the teacher is not a run workdir that records it)")
+        raise ConfigError("config.model=None: expected the pretrained checkpoint to initialise the student from "
+                          "(the teacher is not a run workdir that records it)")
     return config.teacher, config.model
-
-
-def _check_compatible(teacher: bert.BertConfig, student: bert.BertConfig, teacher_tok, student_tok,
-                      config) -> None:
-    if teacher_tok.get_vocab() != student_tok.get_vocab():
-        raise ValueError("teacher and student use different vocabularies; distillation needs the same "
-                         "tokenizer (initialise the student from the teacher's pretrained checkpoint)")
-    th, sh = teacher.hidden_size, student.hidden_size
-    width_free = losses.accepts_any_width(config.distance) and config.hidden_mse == 0
-    if th != sh and not config.projection and not width_free:
-        raise ValueError(f"teacher hidden size {th} != student hidden size {sh}: the patient loss "
-                         f"(distance={config.distance}) and hidden_mse compare vectors of equal size; set "
-                         "--config.projection=True to learn a linear map from the student's to the "
-                         "teacher's, or compare with --config.distance=cka, which allows different widths")
-    ta, sa = teacher.num_attention_heads, student.num_attention_heads
-    if config.attention_kl > 0 and ta != sa:
-        raise ValueError(f"attention_kl compares attention distributions head by head, but the teacher has "
-                         f"{ta} heads and the student {sa}: use equal head counts or --config.attention_kl=0")
 
 
 class TeacherFeed(NamedTuple):
@@ -173,6 +78,7 @@ class Setup:
     teacher: Any = None  # the loaded teacher model (distillation only)
     teacher_path: str | None = None
     layer_map: tuple[int, ...] | None = None
+    test_toks: dict[str, data.Tokenized] = dataclasses.field(default_factory=dict)  # predict_test's splits
 
     @property
     def distill(self) -> bool:
@@ -283,10 +189,6 @@ class Setup:
                                         start_step=step, bucket=c.bucket))
         return self.train_tok.idx[batch["index"]].tolist()
 
-    def tokenized(self, split: str, *, limit: int | None = None) -> data.Tokenized:
-        """Another split of the task (e.g. test), tokenised like the training data."""
-        return _tokenized_split(self.config, self.tokenizer, split, self.cache_dir, limit=limit)
-
 
 # --------------------------------------------------------------------------------------------
 # prepare
@@ -302,6 +204,8 @@ def _tokenized_split(config, tokenizer, split: str, cache_dir: Path, limit: int 
         ds = ds.select(rows)
     elif limit is not None and limit < len(ds):
         ds = ds.select(range(limit))
+    if not split.startswith("test"):  # what trains and selects the model must have labels that vary
+        data.check_trainable(ds, config.task, f"{config.task}/{split} ({len(ds)} examples used)")
     tok = data.tokenize(ds, tokenizer, config.max_seq_length, cache_dir=cache_dir / "tokenized")
     if tok.num_truncated:
         log.warning("%s/%s: %d of %d examples truncated to %d tokens", config.task, split,
@@ -320,7 +224,10 @@ def prepare(config) -> Setup:
     log.info("process %d of %d; %d devices (%s); mesh %s", jax.process_index(), jax.process_count(),
              jax.device_count(), jax.devices()[0].device_kind, dict(mesh.shape))
     for key in ("batch_size", "eval_batch_size"):
-        partitioning.check_batch_size(config[key], mesh)
+        try:
+            partitioning.check_batch_size(config[key], mesh)
+        except ValueError as e:
+            raise ConfigError(f"config.{key}={config[key]}: {e}") from None
     dtype = compute_dtype(config.dtype)
     task = data.get_task(config.task)
 
@@ -328,21 +235,35 @@ def prepare(config) -> Setup:
     pretrained = config.model
     if config.kind == "distill":
         teacher_path, pretrained = _teacher_source(config)
+        checks.check_teacher(config, teacher_path, task)
         teacher = checkpoints.load_pretrained(teacher_path, num_labels=task.num_labels, dtype=dtype)
+        checks.check_model(config, teacher.config, f"the teacher {teacher_path}")
+    checks.check_student_depth(config, pretrained)
+    student = checkpoints.load_config(pretrained, num_layers=config.layers)
+    checks.check_model(config, student, pretrained)
     tokenizer = checkpoints.load_tokenizer(pretrained)
     if teacher is not None:
-        student = checkpoints.load_config(pretrained, num_layers=config.layers)
-        _check_compatible(teacher.config, student, checkpoints.load_tokenizer(teacher_path), tokenizer, config)
-        layer_map = losses.layer_map(teacher.config.num_hidden_layers, student.num_hidden_layers,
-                                     layer_strategy(config.strategy))
+        layer_map = checks.check_pair(config, teacher.config, student, checkpoints.load_tokenizer(teacher_path),
+                                      tokenizer)
 
     train_tok = _tokenized_split(config, tokenizer, "train", cache_dir, subsample=config.train_examples)
     dev_tok = _tokenized_split(config, tokenizer, data.dev_split(config.task), cache_dir, limit=config.eval_examples)
+    # Test files are read now, not after training: a malformed one stops the run before any compute.
+    test_toks = {split: _tokenized_split(config, tokenizer, split, cache_dir, limit=config.test_examples)
+                 for split in task.splits if split.startswith("test") and config.predict_test}
     steps_per_epoch = data.steps_per_epoch(len(train_tok), config.batch_size)
-    if steps_per_epoch == 0:
-        _fail("batch_size", config.batch_size, f"at most the {len(train_tok)} training examples")
-    total = config.max_steps or int(np.ceil(config.num_epochs * steps_per_epoch))
+    total = config.max_steps or int(np.ceil(config.num_epochs * max(steps_per_epoch, 1)))
+    checks.check_schedule(config, len(train_tok), steps_per_epoch, total)
     return Setup(config=config, mesh=mesh, fsdp=config.mesh.fsdp > 1, dtype=dtype, task=task,
                  cache_dir=cache_dir, pretrained=pretrained, tokenizer=tokenizer, train_tok=train_tok,
                  dev_tok=dev_tok, steps_per_epoch=steps_per_epoch, total_steps=total, teacher=teacher,
-                 teacher_path=teacher_path, layer_map=layer_map)
+                 teacher_path=teacher_path, layer_map=layer_map, test_toks=test_toks)
+
+
+def start_over(workdir: Path, lead: bool) -> None:
+    """--restart: process 0 moves the workdir's earlier run aside; every process waits for it."""
+    from jax.experimental import multihost_utils
+
+    if lead and (aside := checks.replace_run(workdir)):
+        log.warning("--restart: the earlier run in %s moved to %s", workdir, aside)
+    multihost_utils.sync_global_devices("workdir replaced")

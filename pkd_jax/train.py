@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from pkd_jax import bert, checkpoints, evaluate, fsutil, loop, metrics, optim, partitioning, setup, steps
+from pkd_jax import bert, checkpoints, checks, evaluate, fsutil, loop, metrics, optim, partitioning, setup, steps
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,20 @@ class _Student:
         return False
 
 
-def train_and_evaluate(config, workdir) -> dict:
-    """Fine-tune or distil on a GLUE task in `workdir` (resuming it); returns results.json."""
+def train_and_evaluate(config, workdir, *, restart: bool = False) -> dict:
+    """Fine-tune or distil on a GLUE task in `workdir` (resuming it); returns results.json.
+
+    A workdir holding a run of another config is refused (checks.check_workdir), unless `restart`
+    moves that run aside first.
+    """
     clock = {"start": time.perf_counter()}
-    s = setup.prepare(config)
     workdir = Path(workdir)
+    if not restart:
+        checks.check_workdir(config, workdir)
+    s = setup.prepare(config)
     lead = jax.process_index() == 0
+    if restart:
+        setup.start_over(workdir, lead)
     if lead:
         fsutil.write_text(workdir / "config.json", config.to_json_best_effort(indent=1) + "\n")
 

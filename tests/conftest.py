@@ -32,6 +32,17 @@ def minilm_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def sst2_teacher_dir(minilm_dir, tmp_path_factory) -> Path:
+    """The MiniLM with a seeded, untrained SST-2 head: a teacher for tests of mechanics, not accuracy
+    (a run refuses a teacher without a classifier)."""
+    from pkd_jax import checkpoints
+
+    model = checkpoints.load_pretrained(minilm_dir, num_labels=2, label_names=("negative", "positive"))
+    return checkpoints.save_pretrained(model, tmp_path_factory.mktemp("sst2_teacher"),
+                                       checkpoints.load_tokenizer(minilm_dir))
+
+
+@pytest.fixture(scope="session")
 def tokenizer(minilm_dir):
     from pkd_jax import checkpoints
 

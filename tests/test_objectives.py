@@ -41,8 +41,8 @@ def _decreases(lines, term):
     assert values[-1] < values[0], (term, values)
 
 
-def test_mean_features_cka_and_the_per_token_terms_train_online(glue_dir, minilm_dir, tokenizer, tmp_path):
-    config = _config(glue_dir, minilm_dir, patient_features="mean", distance="cka", hidden_mse=100.0,
+def test_mean_features_cka_and_the_per_token_terms_train_online(glue_dir, sst2_teacher_dir, tokenizer, tmp_path):
+    config = _config(glue_dir, sst2_teacher_dir, patient_features="mean", distance="cka", hidden_mse=100.0,
                      attention_kl=1.0)
     results = train.train_and_evaluate(config, tmp_path)
     lines = _train_lines(tmp_path)
@@ -59,8 +59,8 @@ def test_mean_features_cka_and_the_per_token_terms_train_online(glue_dir, minilm
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-5)
 
 
-def test_mean_features_and_cosine_with_cached_teacher_outputs(glue_dir, minilm_dir, tmp_path):
-    config = _config(glue_dir, minilm_dir, patient_features="mean", distance="cosine", teacher_mode="cached")
+def test_mean_features_and_cosine_with_cached_teacher_outputs(glue_dir, sst2_teacher_dir, tmp_path):
+    config = _config(glue_dir, sst2_teacher_dir, patient_features="mean", distance="cosine", teacher_mode="cached")
     train.train_and_evaluate(config, tmp_path / "run")
     _decreases(_train_lines(tmp_path / "run"), "pt")
     cache = data.cache_root() / "teacher"  # the tests' $PKD_JAX_CACHE (conftest)
@@ -73,6 +73,6 @@ def test_mean_features_and_cosine_with_cached_teacher_outputs(glue_dir, minilm_d
     ({"attention_kl": -1.0}, "attention_kl=-1.0"),
     ({"patient_features": "max"}, "patient_features='max'"),
 ])
-def test_bad_objective_settings_fail_at_once(glue_dir, minilm_dir, fields, message):
+def test_bad_objective_settings_fail_at_once(glue_dir, sst2_teacher_dir, fields, message):
     with pytest.raises(ValueError, match=message):
-        setup.check_config(_config(glue_dir, minilm_dir, **fields))
+        setup.check_config(_config(glue_dir, sst2_teacher_dir, **fields))

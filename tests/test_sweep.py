@@ -23,10 +23,10 @@ PARAM_ATOL, PARAM_RTOL = 1e-5, 1e-4
 LAYER_MAP = losses.layer_map(6, 3, "skip")
 
 
-def _config(glue_dir, minilm_dir, **fields):
+def _config(glue_dir, teacher, **fields):
     """2 students (alpha 0.2 and 0.7), vmapped in one chunk, on an SST-2 slice: 4 steps, evaluated
     at steps 2 and 4."""
-    c = sweep_config.get_config(f"task=sst2,teacher={minilm_dir},model=minilm-l6,layers=3,glue_dir={glue_dir}")
+    c = sweep_config.get_config(f"task=sst2,teacher={teacher},model=minilm-l6,layers=3,glue_dir={glue_dir}")
     c.train_examples, c.max_seq_length, c.batch_size = 128, 32, 16
     c.eval_examples, c.eval_batch_size = 64, 32
     c.max_steps, c.eval_every_steps, c.checkpoint_every_steps, c.log_every_steps = 4, 2, 0, 2
@@ -53,9 +53,9 @@ def _student(state, j):
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, glue_dir, minilm_dir):
+def swept(tmp_path_factory, glue_dir, sst2_teacher_dir):
     root = tmp_path_factory.mktemp("sweep")
-    config = _config(glue_dir, minilm_dir)
+    config = _config(glue_dir, sst2_teacher_dir)
     runner = sweep.Sweep(config, root / "sweep")
     assert runner.plan.chunks == [[0, 1]]
     final = runner.train_chunk(0).state
@@ -130,10 +130,10 @@ def test_rerun_of_a_finished_sweep_trains_nothing(swept, monkeypatch):
     assert sweep.train_grid(swept["config"], swept["workdir"]) == swept["results"]
 
 
-def test_interrupted_chunk_resumes_and_a_nan_student_fails_alone(swept, glue_dir, minilm_dir, monkeypatch):
+def test_interrupted_chunk_resumes_and_a_nan_student_fails_alone(swept, glue_dir, sst2_teacher_dir, monkeypatch):
     """Chunk 0 (alpha 0.2, as the fixture's student 0) dies after step 3 and resumes from its
     step-2 checkpoint; chunk 1 (lr 1e30) goes NaN and is marked failed without stopping the sweep."""
-    config = _config(glue_dir, minilm_dir, alphas=(0.2,), learning_rates=(5e-3, 1e30), students_per_chunk=1,
+    config = _config(glue_dir, sst2_teacher_dir, alphas=(0.2,), learning_rates=(5e-3, 1e30), students_per_chunk=1,
                      checkpoint_every_steps=2)
     workdir = swept["root"] / "resumed"
     runner = sweep.Sweep(config, workdir)
@@ -166,9 +166,9 @@ def test_interrupted_chunk_resumes_and_a_nan_student_fails_alone(swept, glue_dir
     assert (0, 0, 4, "dev") in keys and not any(k[1] == 1 and k[3] == "dev" for k in keys)
 
 
-def test_a_workdir_of_another_grid_is_refused(swept, glue_dir, minilm_dir):
-    with pytest.raises(ValueError, match="another grid"):
-        sweep.Sweep(_config(glue_dir, minilm_dir, betas=(10.0,)), swept["workdir"])
+def test_a_workdir_of_another_grid_is_refused(swept, glue_dir, sst2_teacher_dir):
+    with pytest.raises(ValueError, match=r"holds a run with another config \(betas: \[10\.0\] here, \[100\.0\] there\).*--restart"):
+        sweep.Sweep(_config(glue_dir, sst2_teacher_dir, betas=(10.0,)), swept["workdir"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,9 +275,9 @@ def test_auto_chunk_size():
     assert 0.9 * gib < base < 2 * gib
 
 
-def test_a_cpu_sweep_trains_its_students_one_after_another(glue_dir, minilm_dir, tmp_path):
+def test_a_cpu_sweep_trains_its_students_one_after_another(glue_dir, sst2_teacher_dir, tmp_path):
     assert jax.default_backend() == "cpu"
-    runner = sweep.Sweep(_config(glue_dir, minilm_dir, students_per_chunk=0), tmp_path)
+    runner = sweep.Sweep(_config(glue_dir, sst2_teacher_dir, students_per_chunk=0), tmp_path)
     assert runner.plan.students_per_chunk == 1 and runner.plan.chunks == [[0], [1]]
 
 

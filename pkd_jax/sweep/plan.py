@@ -17,6 +17,7 @@ from typing import Sequence
 import jax
 
 from pkd_jax import bert, fsutil
+from pkd_jax.errors import ConfigError
 
 GRID_AXES = ("seeds", "learning_rates", "temperatures", "alphas", "betas")
 _SWEEP_FIELDS = (*GRID_AXES, "students_per_chunk", "shard_students", "memory_gb")
@@ -60,9 +61,9 @@ def point_config(config, point: Point):
 
 
 def check_sweep_config(config) -> None:
-    """Fail at once, naming the key; the per-run fields are checked by setup.check_config."""
+    """Fail at once, naming the key; the per-run fields are checked by checks.check_config."""
     if config.kind != "sweep":
-        raise ValueError(f"config.kind={config.kind!r}: expected sweep (configs/sweep.py)")
+        raise ConfigError(f"config.kind={config.kind!r}: expected sweep (configs/sweep.py)")
     ranges = {"seeds": (lambda v: float(v).is_integer() and v >= 0, "integers >= 0"),
               "learning_rates": (lambda v: v > 0, "positive numbers"),
               "temperatures": (lambda v: v > 0, "positive numbers"),
@@ -71,13 +72,13 @@ def check_sweep_config(config) -> None:
     for axis, (ok, expected) in ranges.items():
         values = tuple(config[axis])
         if not values or not all(ok(v) for v in values) or len(set(values)) != len(values):
-            raise ValueError(f"config.{axis}={values!r}: expected distinct {expected}, at least one")
+            raise ConfigError(f"config.{axis}={values!r}: expected distinct {expected}, at least one")
     if config.students_per_chunk < 0 or config.memory_gb < 0:
         key = "students_per_chunk" if config.students_per_chunk < 0 else "memory_gb"
-        raise ValueError(f"config.{key}={config[key]!r}: expected >= 0 (0: automatic)")
+        raise ConfigError(f"config.{key}={config[key]!r}: expected >= 0 (0: automatic)")
     if config.shard_students and config.mesh.fsdp > 1:
-        raise ValueError(f"config.shard_students=True with mesh.fsdp={config.mesh.fsdp}: split either "
-                         "the students or their parameters over the devices, not both")
+        raise ConfigError(f"config.shard_students=True with mesh.fsdp={config.mesh.fsdp}: split either "
+                          "the students or their parameters over the devices, not both")
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,9 +168,9 @@ def load_plan(path: Path, points: list[Point], requested: int, shard_students: b
                 saved["shard_students"])
     if plan.points != points or plan.shard_students != shard_students or (
             requested and requested != plan.students_per_chunk):
-        raise ValueError(f"{path}: this workdir holds a sweep of another grid or chunking "
-                         f"({len(plan.points)} students, {plan.students_per_chunk} per chunk, "
-                         f"shard_students={plan.shard_students}); use a new --workdir")
+        raise ConfigError(f"{path}: this workdir holds a sweep of another grid or chunking "
+                          f"({len(plan.points)} students, {plan.students_per_chunk} per chunk, "
+                          f"shard_students={plan.shard_students}); use a new --workdir or --restart")
     return plan
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pkd_jax import bert, checkpoints, evaluate, fsutil, loop, metrics, optim, partitioning, setup, steps
+from pkd_jax import bert, checkpoints, checks, evaluate, fsutil, loop, metrics, optim, partitioning, setup, steps
 from pkd_jax.sweep import plan as plan_
 from pkd_jax.sweep import students as students_
 
@@ -95,14 +95,19 @@ class _Chunk:
 class Sweep:
     """A sweep in a workdir: `Sweep(config, workdir).run()`; `train_chunk(i)` trains one chunk."""
 
-    def __init__(self, config, workdir):
+    def __init__(self, config, workdir, *, restart: bool = False):
         plan_.check_sweep_config(config)
         self.config, self.workdir = config, Path(workdir)
         self.points = plan_.grid(config)
-        saved = plan_.load_plan(self.workdir / "plan.json", self.points, config.students_per_chunk,
-                                config.shard_students)  # before the slow set-up: a wrong workdir fails at once
+        saved = None
+        if not restart:  # before the slow set-up: a wrong workdir fails at once
+            checks.check_workdir(config, self.workdir)
+            saved = plan_.load_plan(self.workdir / "plan.json", self.points, config.students_per_chunk,
+                                    config.shard_students)
         self.setup = setup.prepare(plan_.point_config(config, self.points[0]))
         self.lead = jax.process_index() == 0
+        if restart:
+            setup.start_over(self.workdir, self.lead)
         if self.lead:
             fsutil.write_text(self.workdir / "config.json", config.to_json_best_effort(indent=1) + "\n")
         self.tx = self.setup.optimizer()  # its peak learning rate is replaced per student
@@ -281,6 +286,8 @@ class Sweep:
         }
 
 
-def train_grid(config, workdir, on_progress: Callable[[Path], None] | None = None) -> dict:
-    """Train the config's grid (configs/sweep.py) in `workdir`; returns results.json."""
-    return Sweep(config, workdir).run(on_progress)
+def train_grid(config, workdir, on_progress: Callable[[Path], None] | None = None, *,
+               restart: bool = False) -> dict:
+    """Train the config's grid (configs/sweep.py) in `workdir`; returns results.json. `restart`
+    moves a run of another config in `workdir` aside instead of refusing it."""
+    return Sweep(config, workdir, restart=restart).run(on_progress)
