@@ -7,6 +7,7 @@ import importlib.util
 import itertools
 import json
 import math
+import re
 import sys
 import threading
 import types
@@ -18,6 +19,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from pkd_jax import data
+from pkd_jax.errors import DataError
 from pkd_jax.data import tokenization
 
 GLUE = Path(__file__).parents[2] / "shared" / "glue"
@@ -153,32 +155,42 @@ def mnli_row(i, label_cols):
                       f"premise {i}", f"hypothesis {i}", *label_cols])
 
 
+# Small files in the official layouts of the tasks without a real copy in ../shared/glue.
+OTHER_FORMATS = {
+    ("CoLA", "train.tsv"): ["gj04\t1\t\tOur friends won't buy this analysis.",
+                            "gj04\t0\t*\tThey drank the pub."],
+    ("CoLA", "dev.tsv"): ["cj99\t1\t\tThe sailors rode the breeze clear."],
+    ("CoLA", "test.tsv"): ["index\tsentence", "0\tBill whistled past the house.",
+                           "1\tThe car honked."],
+    ("MNLI", "train.tsv"): ["\t".join(MNLI_COLS + ["label1", "gold_label"]),
+                            mnli_row(0, ["neutral", "neutral"]),
+                            mnli_row(1, ["contradiction", "contradiction"])],
+    **{("MNLI", f"{name}.tsv"): [
+        "\t".join(MNLI_COLS + ["label1", "label2", "label3", "label4", "label5", "gold_label"]),
+        mnli_row(0, ["entailment"] * 6)] for name in ("dev_matched", "dev_mismatched")},
+    **{("MNLI", f"{name}.tsv"): ["\t".join(MNLI_COLS), mnli_row(0, [])]
+       for name in ("test_matched", "test_mismatched")},
+    ("QQP", "train.tsv"): ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate",
+                           "133273\t213221\t213222\tHow is the life?\tHow is life?\t1",
+                           "402555\t536040\t536041\tWhat is X?\tWhy Y?\t0"],
+    ("QQP", "test.tsv"): ["id\tquestion1\tquestion2", "0\tWhy a?\tWhy b?"],
+    ("QNLI", "dev.tsv"): ["index\tquestion\tsentence\tlabel",
+                          "0\tWhat came first?\tThe egg came first.\tentailment",
+                          "1\tWho?\tNobody knows.\tnot_entailment"],
+    ("WNLI", "train.tsv"): ["index\tsentence1\tsentence2\tlabel",
+                            "0\tI stuck a pin.\tThe pin stuck.\t1",
+                            "1\tJohn saw Bill.\tBill saw John.\t0"],
+}
+FOLDER_TASK = {"CoLA": "cola", "MNLI": "mnli", "QQP": "qqp", "QNLI": "qnli", "WNLI": "wnli",
+               "SST-2": "sst2", "MRPC": "mrpc", "RTE": "rte", "STS-B": "stsb"}
+FILE_SPLIT = {"train.tsv": "train", "dev.tsv": "validation", "test.tsv": "test",
+              "dev_matched.tsv": "validation_matched", "dev_mismatched.tsv": "validation_mismatched",
+              "test_matched.tsv": "test_matched", "test_mismatched.tsv": "test_mismatched"}
+
+
 def test_other_tasks_official_formats(tmp_path):
-    write(tmp_path / "CoLA" / "train.tsv", ["gj04\t1\t\tOur friends won't buy this analysis.",
-                                            "gj04\t0\t*\tThey drank the pub."])
-    write(tmp_path / "CoLA" / "dev.tsv", ["cj99\t1\t\tThe sailors rode the breeze clear."])
-    write(tmp_path / "CoLA" / "test.tsv", ["index\tsentence", "0\tBill whistled past the house.",
-                                           "1\tThe car honked."])
-    write(tmp_path / "MNLI" / "train.tsv", ["\t".join(MNLI_COLS + ["label1", "gold_label"]),
-                                            mnli_row(0, ["neutral", "neutral"]),
-                                            mnli_row(1, ["contradiction", "contradiction"])])
-    labels5 = ["entailment"] * 5
-    for name in ("dev_matched", "dev_mismatched"):
-        write(tmp_path / "MNLI" / f"{name}.tsv", [
-            "\t".join(MNLI_COLS + ["label1", "label2", "label3", "label4", "label5", "gold_label"]),
-            mnli_row(0, labels5 + ["entailment"])])
-    for name in ("test_matched", "test_mismatched"):
-        write(tmp_path / "MNLI" / f"{name}.tsv", ["\t".join(MNLI_COLS), mnli_row(0, [])])
-    write(tmp_path / "QQP" / "train.tsv", ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate",
-                                           "133273\t213221\t213222\tHow is the life?\tHow is life?\t1",
-                                           "402555\t536040\t536041\tWhat is X?\tWhy Y?\t0"])
-    write(tmp_path / "QQP" / "test.tsv", ["id\tquestion1\tquestion2", "0\tWhy a?\tWhy b?"])
-    write(tmp_path / "QNLI" / "dev.tsv", ["index\tquestion\tsentence\tlabel",
-                                          "0\tWhat came first?\tThe egg came first.\tentailment",
-                                          "1\tWho?\tNobody knows.\tnot_entailment"])
-    write(tmp_path / "WNLI" / "train.tsv", ["index\tsentence1\tsentence2\tlabel",
-                                            "0\tI stuck a pin.\tThe pin stuck.\t1",
-                                            "1\tJohn saw Bill.\tBill saw John.\t0"])
+    for (folder, file), lines in OTHER_FORMATS.items():
+        write(tmp_path / folder / file, lines)
 
     cola = data.load_split("cola", "train", tmp_path)[:]
     assert cola == {"idx": [0, 1], "text_a": ["Our friends won't buy this analysis.",
@@ -240,6 +252,72 @@ def test_malformed_other_tasks(tmp_path, task, folder, file, content, line, mess
     assert f"{path}:{line}:" in str(err.value)
 
 
+@pytest.mark.parametrize("folder, file, content", [
+    ("SST-2", "train.tsv", b"sentence\tlabel\n"),
+    ("SST-2", "train.tsv", b"\xef\xbb\xbfsentence\tlabel\r\n"),
+    ("SST-2", "test.tsv", b"index\tsentence"),
+    ("RTE", "dev.tsv", b"index\tsentence1\tsentence2\tlabel\n"),
+    ("CoLA", "train.tsv", b""),  # no header line: empty is no rows
+    ("CoLA", "dev.tsv", b"\xef\xbb\xbf"),
+])
+def test_split_without_rows_is_a_data_error(tmp_path, folder, file, content):
+    path = write_bytes(tmp_path / folder / file, content)
+    found = "the file is empty" if folder == "CoLA" else "only a header line"
+    with pytest.raises(DataError, match=re.escape(f"{path}: no rows ({found}); a GLUE ")):
+        data.load_split(FOLDER_TASK[folder], FILE_SPLIT[file], tmp_path)
+
+
+def test_hub_and_tfds_split_without_records_is_a_data_error():
+    with pytest.raises(DataError, match=r"^hf nyu-mll/glue rte/validation: no records"):
+        data.from_hf_glue("rte", hf_shaped("rte", []), "validation")
+    with pytest.raises(DataError, match=r"^tfds glue/sst2 train: no records"):
+        data.from_tfds_glue("sst2", [], "train")
+
+
+BAD_SCORES = ["nan", "NaN", "-nan", "inf", "-inf", "Inf", "Infinity", "-Infinity", "infinity",
+              "1e0", " 3", "3 ", "+3", "3_0", "\u0663", "5.5", "-0.5", "", "."]
+
+
+@pytest.mark.parametrize("score", BAD_SCORES)
+def test_non_finite_and_odd_scores_are_rejected_with_the_line(tmp_path, score):
+    path = write(tmp_path / "STS-B" / "train.tsv", ["index\tsentence1\tsentence2\tscore",
+                                                    "0\ta\tb\t3.8", f"1\ta\tb\t{score}"])
+    with pytest.raises(data.GlueFormatError, match=f"score {re.escape(repr(score))}") as err:
+        data.load_split("stsb", "train", tmp_path)
+    assert str(err.value).startswith(f"{path}:3: ")
+
+
+def test_plain_decimal_scores_are_read(tmp_path):
+    scores = ["0", "5", "5.000", "3.8", ".5", "4.", "0.599999999999999", "2.75"]
+    write(tmp_path / "STS-B" / "train.tsv", ["index\tsentence1\tsentence2\tscore"] +
+          [f"{i}\ta\tb\t{s}" for i, s in enumerate(scores)])
+    got = data.load_split("stsb", "train", tmp_path)[:]["label"]
+    assert got == [float(np.float32(float(s))) for s in scores]
+
+
+@pytest.mark.parametrize("folder, header, label", [
+    ("SST-2", "sentence\tlabel", "-1"), ("SST-2", "sentence\tlabel", "1.0"),
+    ("SST-2", "sentence\tlabel", " 1"), ("SST-2", "sentence\tlabel", "positive"),
+    ("RTE", "sentence1\tsentence2\tlabel", "Entailment"),
+    ("RTE", "sentence1\tsentence2\tlabel", "0"), ("RTE", "sentence1\tsentence2\tlabel", ""),
+])
+def test_labels_outside_the_task_set_are_rejected_with_the_line(tmp_path, folder, header, label):
+    texts = "a\t" * header.count("\t")
+    first = "1" if folder == "SST-2" else "entailment"
+    path = write(tmp_path / folder / "dev.tsv", [header, texts + first, texts + label])
+    with pytest.raises(data.GlueFormatError, match=re.escape(f"{path}:3: unknown label {label!r}")):
+        data.load_split(FOLDER_TASK[folder], "validation", tmp_path)
+
+
+def test_duplicate_index_in_a_test_file_names_the_line(tmp_path):
+    path = write(tmp_path / "RTE" / "test.tsv", ["index\tsentence1\tsentence2", "0\ta\tb",
+                                                 "1\tc\td", "1\tc\td", "3\te\tf"])
+    with pytest.raises(data.GlueFormatError, match=re.escape(
+            f"{path}:4: column 'index' is '1', expected the row position 2: test rows are "
+            "numbered 0, 1, 2, ... in file order")):
+        data.load_split("rte", "test", tmp_path)
+
+
 def test_invalid_utf8_empty_and_missing_files(tmp_path):
     path = tmp_path / "SST-2" / "train.tsv"
     path.parent.mkdir()
@@ -265,6 +343,68 @@ def test_bom_crlf_and_unicode_line_separators(tmp_path):
                      "1\t1\t2\tone\u2028half\t\" quoted\r\n".encode())
     ds = data.load_split("mrpc", "validation", tmp_path)
     assert ds[:] == {"idx": [0], "text_a": ["one\u2028half"], "text_b": ['" quoted'], "label": [1]}
+
+
+def every_layout(lines=40):
+    """(task, split, relative path, LF bytes without a BOM) of every task layout: the first lines
+    of the 12 real files (LF; MRPC's train and dev start with a BOM) and OTHER_FORMATS."""
+    for path in sorted(GLUE.glob("*/*.tsv")):
+        head = path.read_bytes().removeprefix(b"\xef\xbb\xbf").split(b"\n")[:lines]
+        assert not any(b"\r" in line for line in head)  # a true LF original
+        yield FOLDER_TASK[path.parent.name], FILE_SPLIT[path.name], \
+            path.relative_to(GLUE), b"\n".join(head) + b"\n"
+    for (folder, file), content in OTHER_FORMATS.items():
+        yield FOLDER_TASK[folder], FILE_SPLIT[file], Path(folder, file), \
+            "".join(line + "\n" for line in content).encode()
+
+
+def test_crlf_bom_and_mixed_copies_read_as_the_lf_original(tmp_path):
+    variants = {
+        "crlf": lambda b: b.replace(b"\n", b"\r\n"),
+        "bom": lambda b: b"\xef\xbb\xbf" + b,
+        "crlf_bom": lambda b: b"\xef\xbb\xbf" + b.replace(b"\n", b"\r\n"),
+        # Rows appended on Windows: every other line CRLF.
+        "mixed": lambda b: b"".join(l + (b"\r\n" if i % 2 else b"\n")
+                                    for i, l in enumerate(b.split(b"\n")[:-1])),
+        "no_final_newline": lambda b: b.removesuffix(b"\n"),
+        "crlf_no_final_newline": lambda b: b.replace(b"\n", b"\r\n").removesuffix(b"\r\n"),
+    }
+    layouts = list(every_layout())
+    assert len(layouts) == 12 + len(OTHER_FORMATS) == 24
+    for task, split, rel, content in layouts:
+        write_bytes(tmp_path / "lf" / rel, content)
+        original = data.load_split(task, split, tmp_path / "lf")[:]
+        assert len(original["idx"]) == content.count(b"\n") - (0 if task == "cola" and
+                                                               split != "test" else 1)
+        for name, variant in variants.items():
+            write_bytes(tmp_path / name / rel, variant(content))
+            assert data.load_split(task, split, tmp_path / name)[:] == original, (rel, name)
+
+
+def write_bytes(path, content):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def test_stray_carriage_returns(tmp_path):
+    """\r before a line's \n is line ending, however many; anywhere else it is text."""
+    mrpc = write_bytes(tmp_path / "MRPC" / "train.tsv", (
+        "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+        "1\t1\t2\tends in CR\r\tlast ends in CR\r\n"
+        "0\t3\t4\tmid\rdle\ttwo CRs\r\r\n"
+        "1\t5\t6\t\rleads\tkept\r\r\r\n").encode())
+    assert data.load_split("mrpc", "train", tmp_path)[:] == {
+        "idx": [0, 1, 2], "label": [1, 0, 1],
+        "text_a": ["ends in CR\r", "mid\rdle", "\rleads"],  # not the last column: text
+        "text_b": ["last ends in CR", "two CRs", "kept"]}
+    # A label in the last column of an LF file saved partly on Windows.
+    write_bytes(tmp_path / "SST-2" / "train.tsv", b"sentence\tlabel\ngood\t1\r\nbad\t0\n")
+    assert data.load_split("sst2", "train", tmp_path)[:]["label"] == [1, 0]
+    # A last-column text of carriage returns only is empty.
+    mrpc.write_bytes(mrpc.read_bytes() + b"1\t7\t8\tfine\t\r\r\n")
+    with pytest.raises(data.GlueFormatError, match=f"{mrpc}:5: empty text in column '#2 String'"):
+        data.load_split("mrpc", "train", tmp_path)
 
 
 # ---------------------------------------------------------------------------------- HF and TFDS
@@ -310,7 +450,7 @@ def test_hf_offline_error_says_glue_dir(monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub")
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(RuntimeError, match="glue_dir=") as err:
+    with pytest.raises(DataError, match="glue_dir=") as err:
         data.load_split("sst2", "train")
     assert isinstance(err.value.__cause__, ConnectionError)
 
@@ -324,8 +464,39 @@ def test_hf_mapping_rejects_bad_records():
     with pytest.raises(ValueError, match="idx 1: empty"):
         data.from_tfds_glue("sst2", [{"idx": 0, "sentence": b"x", "label": 0},
                                      {"idx": 1, "sentence": b"", "label": 0}])
-    with pytest.raises(ValueError, match="not a permutation"):
+    with pytest.raises(ValueError, match=r"idx 3 is outside 0\.\.0, the idx values of 1 records"):
         data.from_tfds_glue("sst2", [{"idx": 3, "sentence": b"x", "label": 0}])
+
+
+def test_hub_and_tfds_duplicate_idx_names_the_value():
+    rows = [{"idx": i, "sentence": b"x", "label": 0} for i in (2, 0, 1, 3, 1, 5)]
+    with pytest.raises(DataError, match=r"^tfds glue/sst2 None: idx 1 occurs 2 times; each of the "
+                                        r"6 records needs its own idx in 0\.\.5"):
+        data.from_tfds_glue("sst2", rows)
+    hf = hf_shaped("rte", [("a", "b", 0)] * 3).map(lambda r: {"idx": [4, 4, 4][r["idx"]]},
+                                                   features=None)
+    with pytest.raises(DataError, match=r"^hf nyu-mll/glue rte/train: idx 4 occurs 3 times"):
+        data.from_hf_glue("rte", hf, "train")
+    with pytest.raises(DataError, match=r"idx values must be integers, got float64 \(first: \[0\.5\]\)"):
+        data.from_tfds_glue("sst2", [{"idx": 0.5, "sentence": b"x", "label": 0}])
+
+
+@pytest.mark.parametrize("task, label, message", [
+    ("stsb", float("nan"), "score nan is not a finite number in [0, 5]"),
+    ("stsb", float("inf"), "score inf is not a finite number"),
+    ("stsb", float("-inf"), "score -inf is not a finite number"),
+    ("stsb", 5.5, "score 5.5 is not"), ("stsb", "3.0", "score '3.0' is not"),
+    ("sst2", 2, "unknown label 2 (expected 0..1, or -1 for unlabeled)"),
+    ("sst2", -2, "unknown label -2"), ("sst2", 0.5, "unknown label 0.5"),
+    ("sst2", float("nan"), "unknown label nan"), ("sst2", "1", "unknown label '1'"),
+    ("mnli", 3, "unknown label 3 (expected 0..2"),
+])
+def test_hub_and_tfds_bad_labels_name_the_idx(task, label, message):
+    a, b = HF_TEXT[task]
+    record = {"idx": 1, a: b"x", "label": label} | ({b: b"y"} if b else {})
+    good = dict(record, idx=0, label=1)
+    with pytest.raises(DataError, match=re.escape(f"tfds glue/{task} train: idx 1: {message}")):
+        data.from_tfds_glue(task, [good, record], "train")
 
 
 def test_tfds_missing_says_pip_install(monkeypatch):
@@ -347,6 +518,59 @@ def test_tfds_source_equals_local(monkeypatch):
         data.load_split("rte", "validation", GLUE)[:]
     with pytest.raises(ValueError, match="only read with source='local'"):
         data.load_split("rte", "validation", GLUE, source="tfds")
+
+
+# ---------------------------------------------------------------------------------- trainable
+
+
+def split_of(labels, pair=False):
+    """A load_split-shaped dataset with these labels."""
+    n = len(labels)
+    return datasets.Dataset.from_dict({"idx": list(range(n)), "text_a": ["t"] * n,
+                                       "text_b": ["u"] * n if pair else [None] * n, "label": labels})
+
+
+FIX = "check the file, or raise train_examples / eval_examples"
+
+
+@pytest.mark.parametrize("task, labels, message", [
+    ("sst2", [1] * 12, "all 12 examples have label 'positive'; training and the dev metric need "
+                       f"at least two classes: {FIX}"),
+    ("mnli", [2, 2, -1], "all 2 examples have label 'contradiction'; training"),  # -1 not counted
+    ("wnli", [0], "all 1 examples have label 'not_entailment'"),
+    ("stsb", [3.2] * 4, "all 4 examples have score 3.2; the Pearson correlation of constant scores "
+                        f"is undefined: {FIX}"),
+    ("rte", [], f"no examples; training and the dev metric need some: {FIX}"),
+    ("stsb", [], "no examples"),
+])
+def test_check_trainable_rejects(task, labels, message):
+    with pytest.raises(DataError) as err:
+        data.check_trainable(split_of(labels), task, "train split")
+    assert str(err.value).startswith(f"train split: {message}")
+
+
+@pytest.mark.parametrize("task, labels", [
+    ("sst2", [1] * 11 + [0]), ("mnli", [0, 1, 1]), ("stsb", [3.2, 3.2, 3.25]),
+    ("rte", [-1] * 5),  # an unlabeled test split: nothing to check
+    ("stsb", [-1.0, -1.0]),
+])
+def test_check_trainable_accepts(task, labels):
+    assert data.check_trainable(split_of(labels), task, "dev split") is None
+
+
+def test_check_trainable_on_real_subsets():
+    rte = data.load_split("rte", "validation", GLUE)
+    data.check_trainable(rte, "rte", "dev")
+    entailed = rte.filter(lambda r: r["label"] == 0)
+    with pytest.raises(DataError, match=r"^RTE dev \(entailed only\): all 146 examples have label "
+                                        r"'entailment'; training and the dev metric need at least two"):
+        data.check_trainable(entailed, "rte", "RTE dev (entailed only)")
+    stsb = data.load_split("stsb", "validation", GLUE)
+    data.check_trainable(stsb.select(range(2)), "stsb", "dev")  # 5.0 and 4.75
+    fives = stsb.filter(lambda r: r["label"] == 5.0)
+    with pytest.raises(DataError, match=rf"^dev: all {len(fives)} examples have score 5; the Pearson"):
+        data.check_trainable(fives, "stsb", "dev")
+    data.check_trainable(data.load_split("sst2", "test", GLUE), "sst2", "test")  # all -1
 
 
 # ---------------------------------------------------------------------------------- tokenisation

@@ -4,13 +4,27 @@ writing GLUE submission files.
 ``load_split`` returns a ``datasets.Dataset`` with columns ``idx``, ``text_a``, ``text_b``,
 ``label``; the three sources give identical output. Row order is the file's order and ``idx`` is
 the row's position in its split, so predictions map back to GLUE's ``index`` column. Unlabeled
-(test) rows have label -1. Malformed input raises ``GlueFormatError`` naming the file and line.
+(test) rows have label -1. Malformed input raises ``GlueFormatError`` naming the file and line,
+and so does a split without rows; ``check_trainable`` rejects a split a model cannot learn from.
+
+Local files have no quoting: a line is one row, its fields split on tabs. Lines end at ``\n``
+(other Unicode breaks such as U+2028 or U+0085 are text); every ``\r`` directly before it
+belongs to the line ending, so a Windows (CRLF) copy of a file, or one where only some lines
+were saved on Windows, reads exactly as the LF original. A consequence: the last column never
+ends in ``\r`` (a text there written as ``"word\r"`` reads ``"word"``; tokenizers treat ``\r`` as
+whitespace anyway), while a ``\r`` anywhere else is kept as text. A UTF-8 byte-order mark at the
+start of a file is skipped (MRPC's train and dev files have one). A text that itself holds a tab
+or a newline cannot be written in this format: its line has the wrong column count (reported)
+or, rarely, reads as other rows that are well formed, which no reader can tell apart.
+STS-B scores are plain decimals in [0, 5] (``"3.8"``, ``"4"``); ``nan``, ``inf`` and exponents
+are rejected.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +33,7 @@ import datasets
 import numpy as np
 
 from pkd_jax import fsutil
+from pkd_jax.errors import DataError
 from pkd_jax.data.tasks import TaskSpec, check_split, get_task
 
 # --------------------------------------------------------------------------------------------
@@ -26,7 +41,7 @@ from pkd_jax.data.tasks import TaskSpec, check_split, get_task
 # --------------------------------------------------------------------------------------------
 
 
-class GlueFormatError(ValueError):
+class GlueFormatError(DataError):
     """A GLUE file (or hub/TFDS record) that cannot be read faithfully; names file and line."""
 
 
@@ -85,7 +100,10 @@ def _tsv_lines(path: Path) -> Iterator[tuple[int, list[str]]]:
         for lineno, raw in enumerate(f, start=1):
             if lineno == 1 and raw.startswith(_BOM):  # MRPC's files start with one
                 raw = raw[len(_BOM):]
-            raw = raw.rstrip(b"\n").removesuffix(b"\r")
+                if not raw:  # the file is only a BOM: no lines at all
+                    return
+            # Every \r before the \n is line ending (module docstring): CRLF reads as LF.
+            raw = raw.removesuffix(b"\n").rstrip(b"\r")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -93,9 +111,16 @@ def _tsv_lines(path: Path) -> Iterator[tuple[int, list[str]]]:
             yield lineno, line.split("\t")
 
 
+# STS-B's files write scores as plain decimals; float() would also take "nan", "inf", " 3",
+# "1_0" or Arabic-Indic digits, none of which is a score.
+_SCORE = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
+
+
 def _parse_label(value: str, spec: TaskSpec, kind: str) -> int | float:
-    if kind == "float":
-        score = float(value)  # ValueError is reported with the line by the caller
+    if kind == "float":  # a ValueError is reported with the line by the caller
+        if not _SCORE.fullmatch(value):
+            raise ValueError(f"score {value!r} is not a decimal number such as 3.8")
+        score = float(value)
         if not 0.0 <= score <= 5.0:
             raise ValueError(f"score {value!r} outside [0, 5]")
         return score
@@ -118,6 +143,7 @@ def _read_local(task: str, split: str, glue_dir: str | os.PathLike) -> dict[str,
     labeled = not split.startswith("test")
     lines = _tsv_lines(path)
     header = layout.implicit_header if labeled else None
+    header_line = header is None
     if header is None:
         first = next(lines, None)
         if first is None:
@@ -144,8 +170,10 @@ def _read_local(task: str, split: str, glue_dir: str | os.PathLike) -> dict[str,
             if col is not None and not fields[col].strip():
                 raise GlueFormatError(f"{where}: empty text in column {header[col]!r}")
         if col_index is not None and fields[col_index] != str(len(text_a)):
-            raise GlueFormatError(f"{where}: column {header[col_index]!r} is "
-                                  f"{fields[col_index]!r}, expected the row position {len(text_a)}")
+            raise GlueFormatError(
+                f"{where}: column {header[col_index]!r} is {fields[col_index]!r}, expected the row "
+                f"position {len(text_a)}: test rows are numbered 0, 1, 2, ... in file order, so a "
+                "repeated, skipped or reordered index means a duplicated, lost or moved row")
         try:
             labels.append(_parse_label(fields[col_label], spec, layout.label_kind)
                           if col_label is not None else -1)
@@ -153,6 +181,10 @@ def _read_local(task: str, split: str, glue_dir: str | os.PathLike) -> dict[str,
             raise GlueFormatError(f"{where}: {err}") from None
         text_a.append(fields[col_a])
         text_b.append(fields[col_b] if col_b is not None else None)
+    if not text_a:
+        found = "only a header line" if header_line else "the file is empty"
+        raise GlueFormatError(f"{path}: no rows ({found}); a GLUE {task}/{split} file holds one "
+                              "example per line: is it truncated, or the wrong file?")
     return {"idx": list(range(len(text_a))), "text_a": text_a, "text_b": text_b, "label": labels}
 
 
@@ -165,14 +197,14 @@ def _records_to_columns(task: str, columns: Mapping[str, Sequence], source: str)
     """Map HF/TFDS glue features to idx/text_a/text_b/label, in idx order, validated."""
     spec = get_task(task)
     feat_a, feat_b = spec.text_features
+    if not any(len(values) for values in columns.values()):
+        raise GlueFormatError(f"{source}: no records; a GLUE split needs at least one example")
     missing = [f for f in ("idx", "label", feat_a, feat_b) if f is not None and f not in columns]
     if missing:
         raise GlueFormatError(f"{source}: missing feature(s) {missing} for task {task!r}; "
                               f"found {sorted(columns)}")
-    idx = np.asarray(columns["idx"], dtype=np.int64)
+    idx = _check_idx(columns["idx"], source)
     order = np.argsort(idx, kind="stable")  # TFDS stores examples shuffled
-    if not np.array_equal(idx[order], np.arange(len(idx))):
-        raise GlueFormatError(f"{source}: idx values are not a permutation of 0..{len(idx) - 1}")
 
     def text(feature: str, i: int) -> str:
         value = columns[feature][i]
@@ -184,12 +216,18 @@ def _records_to_columns(task: str, columns: Mapping[str, Sequence], source: str)
 
     def label(i: int) -> int | float:
         value = columns["label"][i]
-        if value == -1:
+        number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+        if number and value == -1:
             return -1.0 if spec.is_regression else -1
-        ok = (0.0 <= value <= 5.0) if spec.is_regression else value in range(spec.num_labels)
-        if not ok:
-            raise GlueFormatError(f"{source}: idx {int(idx[i])}: unknown label {value!r}")
-        return float(value) if spec.is_regression else int(value)
+        if spec.is_regression:
+            if not (number and 0.0 <= value <= 5.0):  # False for NaN
+                raise GlueFormatError(f"{source}: idx {int(idx[i])}: score {value!r} is not a "
+                                      "finite number in [0, 5] (or -1 for unlabeled)")
+            return float(value)
+        if not (number and value in range(spec.num_labels)):
+            raise GlueFormatError(f"{source}: idx {int(idx[i])}: unknown label {value!r} "
+                                  f"(expected 0..{spec.num_labels - 1}, or -1 for unlabeled)")
+        return int(value)
 
     order_list = order.tolist()
     return {
@@ -198,6 +236,26 @@ def _records_to_columns(task: str, columns: Mapping[str, Sequence], source: str)
         "text_b": [text(feat_b, i) if feat_b else None for i in order_list],
         "label": [label(i) for i in order_list],
     }
+
+
+def _check_idx(values: Sequence, source: str) -> np.ndarray:
+    """The records' idx as int64, which must be 0..n-1 each once (any order); names a bad one."""
+    idx = np.asarray(values)
+    if idx.dtype.kind not in "iu":  # a float or text idx would be truncated or misread
+        raise GlueFormatError(f"{source}: idx values must be integers, got {idx.dtype} "
+                              f"(first: {list(values[:1])!r})")
+    idx = idx.astype(np.int64)
+    unique, counts = np.unique(idx, return_counts=True)
+    if (counts > 1).any():
+        value, count = int(unique[counts > 1][0]), int(counts[counts > 1][0])
+        raise GlueFormatError(f"{source}: idx {value} occurs {count} times; each of the "
+                              f"{len(idx)} records needs its own idx in 0..{len(idx) - 1} "
+                              "(a record duplicated?)")
+    outside = idx[(idx < 0) | (idx >= len(idx))]
+    if outside.size:
+        raise GlueFormatError(f"{source}: idx {int(outside[0])} is outside 0..{len(idx) - 1}, "
+                              f"the idx values of {len(idx)} records (a record missing?)")
+    return idx
 
 
 def from_hf_glue(task: str, dataset: datasets.Dataset,
@@ -224,7 +282,7 @@ def _load_hf(task: str, split: str) -> datasets.Dataset:
     try:
         raw = datasets.load_dataset("nyu-mll/glue", task, split=split)
     except Exception as err:  # offline, hub down, cache miss: all need the same advice
-        raise RuntimeError(
+        raise DataError(
             f"could not load GLUE {task}/{split} from the HuggingFace hub (nyu-mll/glue): "
             f"{type(err).__name__}: {err}\nOffline? Pass glue_dir= (a local folder in the official "
             f"GLUE download layout, e.g. glue_dir='GLUE/' holding {get_task(task).glue_name}/...)."
@@ -283,6 +341,28 @@ def load_split(task: str, split: str, glue_dir: str | os.PathLike | None = None,
         return _load_tfds(task, split)
     raise ValueError(f"unknown source {source!r}; valid sources: local, hf, tfds")
 
+
+def check_trainable(dataset: datasets.Dataset, task: str, where: str) -> None:
+    """Raise ``DataError`` unless a (subsampled) train or dev split can train and be scored.
+
+    A split needs rows, and its labels must vary: two classes at least (one class trains a
+    constant and leaves F1/MCC undefined), or two different STS-B scores (the Pearson
+    correlation of constant scores is undefined). Unlabeled rows (label -1) are not checked, so
+    a test split passes. ``where`` names the split in the message, e.g. ``"train (SST-2)"``.
+    """
+    spec = get_task(task)
+    fix = "check the file, or raise train_examples / eval_examples"
+    if len(dataset) == 0:
+        raise DataError(f"{where}: no examples; training and the dev metric need some: {fix}")
+    labels = [label for label in dataset["label"] if label != -1]
+    if not labels or len(set(labels)) > 1:
+        return
+    if spec.is_regression:
+        raise DataError(f"{where}: all {len(labels)} examples have score {labels[0]:g}; the "
+                        f"Pearson correlation of constant scores is undefined: {fix}")
+    name = spec.label_names[int(labels[0])]
+    raise DataError(f"{where}: all {len(labels)} examples have label {name!r}; training and the "
+                    f"dev metric need at least two classes: {fix}")
 
 
 # --------------------------------------------------------------------------------------------
