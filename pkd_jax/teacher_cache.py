@@ -10,7 +10,9 @@ inputs of ``steps.make_distill_step``'s cached mode.
 
 Entry layout (``<cache_dir>/<fingerprint>-<features dtype>/``): ``logits.npy`` float32 [N, C],
 ``features.npy`` [N, M, H] and ``manifest.json``, written into a temporary sibling folder and
-renamed into place, so a killed build never leaves an entry that is later trusted.
+renamed into place, so a killed build never leaves an entry that is later trusted (and the next
+build deletes its leftovers: ``fsutil.staged_dir``). Runs sharing ``cache_dir`` may build the same
+entry at once: the first complete one published stays, the others load it.
 
 Precision: logits are kept in float32. Features are stored in float16 by default (half the
 disk and host memory): round-to-nearest gives a relative error of at most 2^-11 ≈ 4.9e-4 per
@@ -61,14 +63,20 @@ def fingerprint(teacher_params: Any, tokenized: data.Tokenized, layer_map: Seque
 
     Hashes every parameter's shape, dtype and bytes in pytree order (leaf by leaf, so host
     memory holds one leaf at a time; about a second per GB; an ``nnx.State`` and its pure dict
-    agree), ``tokenized.fingerprint`` (data, tokenizer, max length), the 1-indexed
-    ``layer_map``, the compute dtype's name, ``architecture``, a text of the static settings
-    that live in the graphdef, not the params (head count, activation, LayerNorm epsilon; e.g.
-    ``repr(model.config)``), and the kind of ``features``.
+    agree), ``tokenized.fingerprint`` (data, tokenizer, max length), the token arrays the teacher
+    reads (so a ``Tokenized`` sliced or built by hand under an old fingerprint cannot hit a stale
+    entry; 0.4 GB for MNLI at length 128), the 1-indexed ``layer_map``, the compute dtype's name,
+    ``architecture``, a text of the static settings that live in the graphdef, not the params
+    (head count, activation, LayerNorm epsilon; e.g. ``repr(model.config)``), and the kind of
+    ``features``.
     """
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps([FORMAT_VERSION, tokenized.fingerprint, [int(i) for i in layer_map],
                          jnp.dtype(dtype).name, architecture, features]).encode())
+    for arr in (tokenized.input_ids, tokenized.token_type_ids, tokenized.lengths):
+        arr = np.ascontiguousarray(arr, np.int32)
+        h.update(json.dumps(arr.shape).encode())
+        h.update(arr.reshape(-1).view(np.uint8))
     for leaf in jax.tree.leaves(teacher_params):  # dict keys are sorted: a stable order
         arr = np.ascontiguousarray(partitioning.to_host(leaf))
         h.update(json.dumps([arr.shape, arr.dtype.name]).encode())
@@ -262,7 +270,12 @@ def build_or_load(teacher_graphdef, teacher_params, tokenized: data.Tokenized,
 
     log.info("computing teacher outputs for %d examples into %s", len(tokenized), entry)
     if jax.process_index() == 0:  # the writer: a staged folder, published when complete
-        with fsutil.staged_dir(entry) as tmp:
+        # A concurrent run (a second student of the same teacher) may publish the entry first:
+        # then ours is dropped and theirs, equal, is loaded; a complete entry is never replaced.
+        def complete(path: Path) -> bool:
+            return _load(path, key, len(tokenized), layer_map, features_dtype) is not None
+
+        with fsutil.staged_dir(entry, keep=complete) as tmp:
             shapes = _compute(teacher_graphdef, teacher_params, tokenized, layer_map, features, mesh,
                               batch_size, features_dtype, tmp, progress)
             _write_manifest(tmp, key, layer_map, features, dtype_name, shapes)

@@ -4,6 +4,8 @@ Values match a direct forward, batches get their own rows, entries are reused wi
 the teacher, any change of an input rebuilds, partial entries are never trusted, no pickles.
 """
 
+import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -15,6 +17,7 @@ import pytest
 from flax import nnx
 
 from pkd_jax import bert, checkpoints, data, partitioning, teacher_cache
+from pkd_jax.data import tokenization
 
 N = 40  # RTE dev rows: 3 batches of 16, the last one padded with weight-0 rows
 BATCH = 16  # divisible by the 8 devices
@@ -93,7 +96,7 @@ def test_entry_files_and_manifest(built):
     assert manifest["layer_map"] == list(LAYER_MAP)
     assert manifest["arrays"] == {"logits": ["float32", [N, 2]], "features": ["float16", [N, 2, 384]]}
     assert manifest["created"]
-    assert not [p for p in built.path.parent.iterdir() if ".tmp-" in p.name]  # cleaned up
+    assert not [p for p in built.path.parent.iterdir() if p.name.startswith(".")]  # cleaned up
 
 
 def test_add_to_gathers_rows_of_shuffled_batch(built, tok, direct):
@@ -193,6 +196,44 @@ def test_changed_inputs_rebuild(built, teacher, tok, rte, tokenizer, mesh, direc
     again = _build(teacher, tok, mesh, cache_dir)
     assert again.reused and again.path == built.path
     np.testing.assert_allclose(again.logits, direct[0], atol=1e-5)
+
+
+def _tokenizer_variant(minilm_dir, folder, change):
+    """A copy of the MiniLM tokenizer files with one change."""
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm_dir / name, folder / name)
+    if change == "vocab entry":  # "the" is renamed: it now splits into other word pieces
+        backend = json.loads((folder / "tokenizer.json").read_text())
+        vocab = backend["model"]["vocab"]
+        vocab["thé"] = vocab.pop("the")
+        (folder / "tokenizer.json").write_text(json.dumps(backend))
+        lines = (folder / "vocab.txt").read_text().split("\n")
+        lines[lines.index("the")] = "thé"
+        (folder / "vocab.txt").write_text("\n".join(lines))
+    else:  # cased input against an uncased vocabulary
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "do_lower_case": False}))
+    return checkpoints.load_tokenizer(folder)
+
+
+@pytest.mark.parametrize("change", ["vocab entry", "do_lower_case"])
+def test_changed_tokenizer_invalidates_both_caches(built, teacher, tok, rte, minilm_dir, tmp_path,
+                                                   monkeypatch, change):
+    changed = _tokenizer_variant(minilm_dir, tmp_path / "tokenizer", change)
+    encodes = []
+    real_encode = tokenization._encode
+    monkeypatch.setattr(tokenization, "_encode", lambda *a: encodes.append(1) or real_encode(*a))
+    other = data.tokenize(rte, changed, 64)
+    assert encodes and other.fingerprint != tok.fingerprint  # a tokenised-cache miss
+    assert not np.array_equal(other.input_ids, tok.input_ids)
+    # The teacher cache's key (its entry's name) changes with the tokenised fingerprint and,
+    # on its own, with the token ids: a Tokenized keeping a stale fingerprint misses too.
+    key = functools.partial(teacher_cache.fingerprint, teacher[1], layer_map=LAYER_MAP,
+                            dtype="float32")
+    stale = dataclasses.replace(other, fingerprint=tok.fingerprint)
+    assert key(tokenized=tok) == built.fingerprint
+    assert len({key(tokenized=t) for t in (tok, other, stale)}) == 3
 
 
 def _damage(entry, how):

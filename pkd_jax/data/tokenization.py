@@ -3,7 +3,9 @@
 ``tokenize`` turns a ``load_split`` dataset into a ``Tokenized`` split (int32 arrays padded to
 ``max_seq_length``), exactly as ``tokenizer(a, b, truncation=True, max_length=L)`` would, and keeps
 it under ``$PKD_JAX_CACHE/tokenized`` keyed by a fingerprint of the tokenizer, the data and the
-length: a second run (or a second student) loads it back.
+length: a second run (or a second student) loads it back. Entries are published whole
+(``fsutil.staged_dir``): a killed run leaves none that is trusted, and runs tokenising the same
+split at once both succeed, keeping the first entry published.
 """
 
 from __future__ import annotations
@@ -135,8 +137,14 @@ def _load_cached(entry: Path, fingerprint: str) -> Tokenized | None:
 
 
 def _write_cache(entry: Path, tok: Tokenized, meta: Mapping[str, Any]) -> None:
-    """Write the arrays and their manifest into a staged folder: readers never see a partial entry."""
-    with fsutil.staged_dir(entry) as tmp:
+    """Write the arrays and their manifest into a staged folder: readers never see a partial entry.
+
+    If a concurrent run publishes the entry first, ours is dropped and theirs (equal) stays.
+    """
+    def complete(path: Path) -> bool:
+        return _load_cached(path, tok.fingerprint) is not None
+
+    with fsutil.staged_dir(entry, keep=complete) as tmp:
         for name in _ARRAYS:
             with open(tmp / f"{name}.npy", "wb") as f:
                 np.save(f, getattr(tok, name), allow_pickle=False)
