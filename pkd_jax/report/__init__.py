@@ -35,8 +35,9 @@ or a sweep is an error naming the path and what is missing (exit status 2).
 block_until_ready, median of --repeats calls).
 
 Layout: `runs.py` loading runs, labels, teachers and rows; `tables.py` every markdown table
-(runs and sweeps); `plots.py` the figures; `speed.py` inference timing; `write.py` the files
-(report.md, sweep.md); `cli.py` the command line.
+(runs and sweeps); `plots.py` the figures; `speed.py` inference timing; `stats.py` statistics over
+seeds (mean ± std, t CIs, paired comparisons and their verdicts); `write.py` the files (report.md,
+sweep.md); `cli.py` the command line.
 """
 
 from pkd_jax.report.cli import default_out, main, parse_args
@@ -44,6 +45,7 @@ from pkd_jax.report.plots import plot_curves, plot_heatmap, plot_summary
 from pkd_jax.report.runs import (Row, Run, RunError, is_sweep, load_run, load_runs, method_label, metric_title,
                                  summary_rows, task_title, teachers)
 from pkd_jax.report.speed import inference_examples_per_s, measure_speed
+from pkd_jax.report.stats import Paired, Summary, format_paired, format_summary, of_teacher, paired, summary
 from pkd_jax.report.tables import (markdown_report, markdown_table, percent, read_sweep, read_sweep_rows,
                                    sweep_table)
 from pkd_jax.report.write import write_report, write_sweep_report
@@ -53,5 +55,6 @@ __all__ = [
     "RunError", "is_sweep", "load_run", "load_runs", "method_label", "metric_title", "summary_rows",
     "task_title", "teachers", "inference_examples_per_s", "measure_speed", "markdown_report",
     "markdown_table", "percent", "read_sweep", "read_sweep_rows", "sweep_table", "write_report",
-    "write_sweep_report",
+    "write_sweep_report", "Paired", "Summary", "format_paired", "format_summary", "of_teacher", "paired",
+    "summary",
 ]
