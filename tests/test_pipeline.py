@@ -35,6 +35,9 @@ COMMON = [
 ]
 
 
+TEST_ROWS = 200  # the teacher writes GLUE submission predictions for this many SST-2 test rows
+
+
 def _command(config: str, workdir: Path, *extra: str) -> list[str]:
     return [sys.executable, "run.py", f"--config={config}", f"--workdir={workdir}", *COMMON, *extra]
 
@@ -51,7 +54,8 @@ def runs(tmp_path_factory, glue_dir):
     env = {**os.environ, "PKD_JAX_CACHE": str(root / "cache"), "JAX_PLATFORMS": "cpu"}
     teacher = root / "teacher"
     _run(_command(f"configs/finetune.py:task=sst2,model=minilm-l6,glue_dir={glue_dir}", teacher,
-                  "--config.num_epochs=2", "--config.learning_rate=5e-5"), env)
+                  "--config.num_epochs=2", "--config.learning_rate=5e-5",
+                  "--config.predict_test=True", f"--config.test_examples={TEST_ROWS}"), env)
     student = _command(f"configs/pkd.py:task=sst2,teacher={teacher},layers=3,strategy=skip,glue_dir={glue_dir}",
                        root / "PLACEHOLDER", "--config.num_epochs=4", "--config.learning_rate=2e-4",
                        "--config.checkpoint_every_steps=40", "--config.eval_every_steps=100")
@@ -136,3 +140,21 @@ def test_export_gives_the_same_logits_in_transformers(runs, tokenizer):
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-5)
     assert hf.config.id2label == {0: "negative", 1: "positive"}
     assert np.argmax(theirs, -1).tolist()[:2] == [1, 0]  # it learnt sentiment
+
+
+def test_teacher_predictions_are_its_own_on_the_official_ids(runs, glue_dir):
+    """The submission file holds the exported model's own predictions (transformers) on the test
+    rows, under GLUE's ids, in order: a shifted row would show as a different label."""
+    rows = (runs["teacher"] / "predictions" / "SST-2.tsv").read_text().splitlines()
+    assert rows[0] == "index\tprediction"
+    ids, labels = zip(*(r.split("\t") for r in rows[1:]))
+    test = data.load_split("sst2", "test", glue_dir).select(range(TEST_ROWS))
+    assert [int(i) for i in ids] == list(test["idx"]) == list(range(TEST_ROWS))
+    model_dir = runs["teacher"] / "model"
+    tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    model = transformers.BertForSequenceClassification.from_pretrained(str(model_dir)).eval()
+    enc = tok(list(test["text_a"]), truncation=True, max_length=64, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**enc).logits.argmax(-1).tolist()
+    assert list(labels) == [str(i) for i in expected]
+    assert 0.2 < np.mean(expected) < 0.8  # both classes: the comparison can see a shifted row
