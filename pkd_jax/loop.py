@@ -199,7 +199,7 @@ class MetricsLog:
 
     def __init__(self, workdir: Path, *, start: int, total: int, enabled: bool, progress: bool,
                  desc: str, tags: dict[str, int] | None = None):
-        self.enabled, self.tags = enabled, dict(tags or {})
+        self.enabled, self.tags, self.start = enabled, dict(tags or {}), start
         if not enabled:
             return
         from tqdm.auto import tqdm
@@ -227,7 +227,9 @@ class MetricsLog:
             from tensorboardX import SummaryWriter
 
             folder = self.workdir / "tensorboard"
-            self.writers[stream] = SummaryWriter(str(folder / stream if stream else folder))
+            # A resumed run: TensorBoard drops the killed run's events from `start` on, as metrics.jsonl does.
+            self.writers[stream] = SummaryWriter(str(folder / stream if stream else folder),
+                                                 purge_step=self.start or None)
         return self.writers[stream]
 
     def write(self, step: int, split: str, values: dict[str, float], *, stream: str | None = None,

@@ -214,12 +214,14 @@ def _tokenized_split(config, tokenizer, split: str, cache_dir: Path, limit: int 
 
 
 def prepare(config) -> Setup:
-    """Check the config, join the processes, build the mesh, load the teacher and the data."""
+    """Join the processes, check the config, build the mesh, load the teacher and the data."""
+    # First: the checks ask the backend for its devices (dtype=auto), and JAX refuses to join
+    # other processes once the backend is up. A single process joins nothing.
+    partitioning.initialize_distributed(**config.distributed)
     check_config(config)
     cache_dir = Path(config.cache_dir) if config.cache_dir else data.cache_root()
     if config.compilation_cache:  # a resumed run, or the next student, skips recompiling
         jax.config.update("jax_compilation_cache_dir", str(cache_dir / "xla"))
-    partitioning.initialize_distributed(**config.distributed)
     mesh = partitioning.make_mesh(config.mesh.fsdp)
     log.info("process %d of %d; %d devices (%s); mesh %s", jax.process_index(), jax.process_count(),
              jax.device_count(), jax.devices()[0].device_kind, dict(mesh.shape))

@@ -5,6 +5,7 @@ device. Each group is compared with an uninterrupted run of its own kind.
 """
 
 import json
+import logging
 import random
 import resource
 import shutil
@@ -184,24 +185,17 @@ def _optimizer():
     return optim.make_optimizer(learning_rate=2e-5, total_steps=30, warmup_steps=3)
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_an_older_one(reference, glue_dir, tmp_path, caplog):
-    ref_dir, ref = reference
-    workdir = tmp_path / "w"
-    shutil.copytree(ref_dir, workdir)
-    (workdir / "results.json").unlink()
-    for f in (workdir / "checkpoints" / "30" / "state").rglob("*"):
-        if f.is_file() and f.stat().st_size > 1000:
-            f.write_bytes(f.read_bytes()[:100])  # truncated array data
-    results = train.train_and_evaluate(_config(glue_dir), workdir)
-    assert "checkpoint at step 30 could not be restored" in caplog.text
-    _same_results(results, ref)
-    _same_export(workdir, ref_dir)
+def _metric_lines(workdir: Path) -> list[dict]:
+    """metrics.jsonl without its wall-clock field."""
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(l).items() if k != "examples_per_s"} for l in lines]
 
 
-def test_full_disk_while_saving_keeps_the_previous_checkpoint(reference, glue_dir, tmp_path, monkeypatch):
-    """From step 20 on, no file may grow past 1 MB (EFBIG, as ENOSPC would): the run stops with a
-    clear error; the complete checkpoints stay restorable and the rerun ends like the reference."""
-    ref_dir, ref = reference
+@pytest.fixture(scope="module")
+def full_disk_run(tmp_path_factory, glue_dir):
+    """A run of its own stopped by a full disk: from step 20's save on, no file may grow past 1 MB
+    (EFBIG, as ENOSPC would). Returns its workdir and the error's message."""
+    workdir = tmp_path_factory.mktemp("full_disk")
     real_save = checkpoints.TrainCheckpointer.save
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a killed process
@@ -211,17 +205,51 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(reference, glue_di
             resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
         return real_save(self, step, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoints.TrainCheckpointer, "save", save)
     try:
-        with pytest.raises(CheckpointError, match="saving a checkpoint failed|writing the model failed"):
-            train.train_and_evaluate(_config(glue_dir), tmp_path)
+        with pytest.MonkeyPatch.context() as mp, pytest.raises(CheckpointError) as failed:
+            mp.setattr(checkpoints.TrainCheckpointer, "save", save)
+            train.train_and_evaluate(_config(glue_dir), workdir)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
-    monkeypatch.undo()
-    assert max(checkpoints.TrainCheckpointer(tmp_path / "checkpoints").all_steps()) < 20
+    return workdir, str(failed.value)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_an_older_one(full_disk_run, reference, glue_dir, tmp_path, caplog):
+    """The full-disk run's latest complete checkpoint (15) has its arrays truncated: the same
+    command reports it, resumes from the one before (10) and ends exactly like the uninterrupted
+    reference run."""
+    ref_dir, ref = reference
+    shutil.copytree(full_disk_run[0], tmp_path, dirs_exist_ok=True)
+    assert checkpoints.TrainCheckpointer(tmp_path / "checkpoints").all_steps() == [10, 15]
+    truncated = 0
+    for f in (tmp_path / "checkpoints" / "15" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 1000:
+            f.write_bytes(f.read_bytes()[:100])  # truncated array data
+            truncated += 1
+    assert truncated
+
+    caplog.set_level(logging.INFO, logger="pkd_jax")
+    results = train.train_and_evaluate(_config(glue_dir), tmp_path)
+    assert "checkpoint at step 15 could not be restored" in caplog.text
+    assert "resumed from step 10" in caplog.text and "resumed from step 15" not in caplog.text
+    _same_results(results, ref)
+    _same_export(tmp_path, ref_dir)
+    assert _metric_lines(tmp_path) == _metric_lines(ref_dir)
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(full_disk_run, reference, glue_dir, tmp_path):
+    """The full disk stops the run with a clear error; the complete checkpoints (10, 15) stay
+    restorable and the rerun resumes from 15 and ends like the reference."""
+    ref_dir, ref = reference
+    workdir, error = full_disk_run
+    assert "saving a checkpoint failed" in error or "writing the model failed" in error, error
+    shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
+    assert checkpoints.TrainCheckpointer(tmp_path / "checkpoints").all_steps() == [10, 15]
+    assert not (tmp_path / "results.json").exists()
     _same_results(train.train_and_evaluate(_config(glue_dir), tmp_path), ref)
     _same_export(tmp_path, ref_dir)
+    assert _metric_lines(tmp_path) == _metric_lines(ref_dir)
 
 
 # ---- Preemption (subprocesses, like a scheduler) ----------------------------------------------------
@@ -240,39 +268,109 @@ def subprocess_reference(tmp_path_factory, glue_dir):
     return workdir
 
 
-def _wait_for_checkpoint(workdir: Path, proc, deadline=300):
+_TMP = ".orbax-checkpoint-tmp"  # orbax writes step N into N.orbax-checkpoint-tmp, then renames it N
+
+
+def _saved_steps(workdir: Path) -> list[int]:
+    """Complete checkpoints."""
+    return sorted(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
+
+
+def _saving(workdir: Path) -> list[Path]:
+    """Checkpoints being written (or left half-written by a kill)."""
+    return [p for p in (workdir / "checkpoints").glob(f"*{_TMP}") if p.name.split(".")[0].isdigit()]
+
+
+def _logged_steps(workdir: Path) -> list[int]:
+    """The steps of metrics.jsonl's complete lines."""
+    path, steps = workdir / "metrics.jsonl", []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            steps.append(json.loads(line)["step"])
+        except ValueError:
+            pass
+    return steps
+
+
+def _progress(workdir: Path) -> tuple[int, int]:
+    """(latest complete checkpoint, latest logged step)."""
+    return max(_saved_steps(workdir), default=0), max(_logged_steps(workdir), default=0)
+
+
+def _launch(glue_dir, workdir):
+    return subprocess.Popen(_cmd(glue_dir, workdir), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait(proc, condition, what: str, deadline=300):
+    """Poll `condition` (every 5 ms, to catch a checkpoint mid-save) while `proc` runs; its value."""
     end = time.time() + deadline
-    while not any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*")):
-        assert proc.poll() is None and time.time() < end, "no checkpoint appeared"
-        time.sleep(0.1)
+    while not (found := condition()):
+        assert proc.poll() is None, f"the run ended before {what}: {proc.communicate()[1][-2000:]}"
+        assert time.time() < end, f"no {what} within {deadline} s"
+        time.sleep(0.005)
+    return found
+
+
+def _stop(proc, sig) -> str:
+    proc.send_signal(sig)
+    return proc.communicate(timeout=300)[1]
+
+
+def _assert_interrupted(workdir: Path, before: tuple[int, int]) -> tuple[int, int]:
+    """The run stopped mid-way, further than the previous interruption got."""
+    now = _progress(workdir)
+    assert now[0] >= before[0] and now[1] > before[1], (before, now)
+    assert now[0] < 30 and not (workdir / "results.json").exists(), now
+    return now
 
 
 def test_preempted_then_killed_at_random_moments_resumes_bitwise_identically(subprocess_reference, glue_dir,
                                                                              tmp_path):
-    """SIGTERM once (a checkpoint, a message, exit 143), SIGKILL twice at random moments, then
-    the same command to the end: results, export and metric log equal the uninterrupted run's."""
-    proc = subprocess.Popen(_cmd(glue_dir, tmp_path), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    _wait_for_checkpoint(tmp_path, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
+    """SIGTERM once (a checkpoint, a message, exit 143); SIGKILL while orbax writes a checkpoint
+    (its temporary folder is left behind), the metric log's last line then cut mid-line; SIGKILL at
+    a random moment later on; then the same command to the end. Every interruption lands mid-run,
+    further than the one before; results, export and metric log equal the uninterrupted run's."""
+    proc = _launch(glue_dir, tmp_path)
+    _wait(proc, lambda: _saved_steps(tmp_path), "checkpoint")
+    stderr = _stop(proc, signal.SIGTERM)
     assert proc.returncode == 143, stderr[-2000:]
     saved = int(stderr.split("saved a checkpoint at step ")[1].split(";")[0])
-    assert saved in checkpoints.TrainCheckpointer(tmp_path / "checkpoints").all_steps()
+    assert saved == max(checkpoints.TrainCheckpointer(tmp_path / "checkpoints").all_steps())
+    progress = _assert_interrupted(tmp_path, (0, 0))
 
-    rng = random.Random(0)
-    for _ in range(2):
-        proc = subprocess.Popen(_cmd(glue_dir, tmp_path), cwd=REPO, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(3.0, 12.0))  # anywhere from start-up to saving
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    for _ in range(3):  # SIGKILL mid-save; again if the save completed before the signal landed
+        proc = _launch(glue_dir, tmp_path)
+        stale = _saving(tmp_path)  # the new process removes a previous attempt's leftovers first
+        _wait(proc, lambda: not any(p.exists() for p in stale), "cleanup of half-written checkpoints")
+        after = max(_saved_steps(tmp_path))
+        tmp = _wait(proc, lambda: [p for p in _saving(tmp_path) if int(p.name.split(".")[0]) > after], "save")[0]
+        stderr = _stop(proc, signal.SIGKILL)
+        assert proc.returncode == -signal.SIGKILL, stderr[-2000:]
+        if tmp.exists():
+            break
+    else:
+        pytest.fail("three saves completed before SIGKILL landed")
+    step = int(tmp.name.split(".")[0])
+    assert not (tmp_path / "checkpoints" / str(step)).exists() and max(_saved_steps(tmp_path)) < step
+    progress = _assert_interrupted(tmp_path, progress)
+
+    # A line cut short, written after the latest complete checkpoint: the resume must rewrite it.
+    text = (tmp_path / "metrics.jsonl").read_text()
+    last = text.splitlines()[-1]
+    assert json.loads(last)["step"] > progress[0]
+    (tmp_path / "metrics.jsonl").write_text(text[:len(text) - 1 - len(last) // 2])
+
+    proc = _launch(glue_dir, tmp_path)
+    _wait(proc, lambda: max(_logged_steps(tmp_path), default=0) > progress[1], "new metrics")
+    time.sleep(random.Random(0).uniform(0.0, 2.0))
+    stderr = _stop(proc, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, stderr[-2000:]
+    _assert_interrupted(tmp_path, progress)
+
     subprocess.run(_cmd(glue_dir, tmp_path), cwd=REPO, check=True, capture_output=True, timeout=600)
-
+    assert not _saving(tmp_path)  # half-written checkpoints are cleaned up
     _same_results(json.loads((tmp_path / "results.json").read_text()),
                   json.loads((subprocess_reference / "results.json").read_text()))
     _same_export(tmp_path, subprocess_reference)
-    ref_lines = (subprocess_reference / "metrics.jsonl").read_text().splitlines()
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    strip = lambda ls: [{k: v for k, v in json.loads(l).items() if k != "examples_per_s"} for l in ls]  # noqa: E731
-    assert strip(lines) == strip(ref_lines)
+    assert _metric_lines(tmp_path) == _metric_lines(subprocess_reference)
