@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import benchmarks
 from benchmarks import efficiency, input as input_suite, sweep, train_steps
 from benchmarks.common import Bench, default_model, device_info, device_peak, resolve_model, versions
-from pkd_jax import partitioning, setup
+from pkd_jax import checks, partitioning
 
 SUITES = ("efficiency", "train", "torch", "input", "sweep", "all")
 
@@ -144,7 +144,7 @@ def make_bench(args: argparse.Namespace) -> Bench:
         args.repeats = 20 if accelerator else 5
     if args.warmup is None:
         args.warmup = 3 if accelerator else 1
-    dtype = jnp.dtype(setup.compute_dtype(args.dtype)).name  # "bfloat16" / "float32"
+    dtype = jnp.dtype(checks.compute_dtype(args.dtype)).name  # "bfloat16" / "float32"
     return Bench(args, partitioning.make_mesh(), dtype, device_peak(dtype, args.peak_tflops))
 
 

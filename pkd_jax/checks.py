@@ -69,15 +69,15 @@ RANGES = {
 }
 
 
+_MISSING = object()
+
+
 def _get(config, dotted: str):
     for part in dotted.split("."):
         if part not in config:
             return _MISSING
         config = config[part]
     return config
-
-
-_MISSING = object()
 
 
 def check_config(config) -> None:
@@ -151,7 +151,7 @@ def compute_dtype(name: str):
 # --------------------------------------------------------------------------------------------
 
 def check_model(config, model: bert.BertConfig, where: str) -> None:
-    """config.max_seq_length and config.layers against a checkpoint's position table and depth."""
+    """config.max_seq_length against a checkpoint's position table."""
     if config.max_seq_length > model.max_position_embeddings:
         _fail("max_seq_length", config.max_seq_length,
               f"at most {model.max_position_embeddings}, the position table of {where}")

@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from pkd_jax import bert, checkpoints, checks, data, optim, partitioning, steps, targets
-from pkd_jax.checks import check_config, compute_dtype  # noqa: F401  (setup.check_config: the documented entry)
+from pkd_jax.checks import check_config, compute_dtype
 from pkd_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)

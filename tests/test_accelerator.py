@@ -292,11 +292,11 @@ def test_async_checkpoint_then_donated_step_on_device(tmp_path):
 def test_device_dependent_choices_with_the_backend_mocked(backend, dtype_name, expected, monkeypatch):
     """dtype=auto computes in bfloat16 on GPU and TPU; attention goes through cuDNN on a GPU in
     half precision only, unless the config names an implementation."""
-    from pkd_jax import setup
+    from pkd_jax import checks
 
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    assert setup.compute_dtype("auto") == (jnp.float32 if backend == "cpu" else jnp.bfloat16)
-    assert setup.compute_dtype("float32") == jnp.float32
+    assert checks.compute_dtype("auto") == (jnp.float32 if backend == "cpu" else jnp.bfloat16)
+    assert checks.compute_dtype("float32") == jnp.float32
     dtype = jnp.dtype(dtype_name)
     layer = bert.BertForSequenceClassification(_config(), rngs=nnx.Rngs(0)).bert.encoder.layer[0].attention.self
     assert layer._use_cudnn(dtype) is expected

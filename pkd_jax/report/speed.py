@@ -11,7 +11,7 @@ from typing import Sequence
 import jax
 from flax import nnx
 
-from pkd_jax import checkpoints, setup, steps, timing
+from pkd_jax import checkpoints, checks, steps, timing
 from pkd_jax.report.runs import Run, RunError
 
 
@@ -19,7 +19,7 @@ def inference_examples_per_s(model_dir: str | os.PathLike, *, batch_size: int = 
                              repeats: int = 5, dtype: str = "auto", seed: int = 0) -> float:
     """Examples/s of a jitted forward pass of an HF BERT folder on random full-length token ids:
     the median of `repeats` calls, after compilation and one untimed call (first-call allocations)."""
-    model = checkpoints.load_pretrained(model_dir, dtype=setup.compute_dtype(dtype))
+    model = checkpoints.load_pretrained(model_dir, dtype=checks.compute_dtype(dtype))
     graphdef, params = nnx.split(model, nnx.Param)
     batch = jax.device_put(timing.random_inputs(model.config.vocab_size, batch_size, seq_len, seed))
     forward, _ = timing.compile_ahead(jax.jit(steps.make_logits_fn(graphdef)), params, batch)
@@ -38,6 +38,6 @@ def measure_speed(runs: Sequence[Run], **kwargs) -> dict[Path, float]:
 
 def speed_note(*, batch_size: int, seq_len: int, repeats: int, dtype: str) -> str:
     """The report's sentence on how inference was timed (shape, dtype, device)."""
-    name = jax.numpy.dtype(setup.compute_dtype(dtype)).name
+    name = jax.numpy.dtype(checks.compute_dtype(dtype)).name
     return (f"Inference: jitted forward pass, batch {batch_size} x {seq_len} tokens, {name} on "
             f"{jax.devices()[0].device_kind}; median of {repeats} calls.")
