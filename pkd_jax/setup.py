@@ -114,6 +114,12 @@ class Setup:
         return {"alpha": c.get("alpha", 0.0), "beta": c.get("beta", 0.0), "temperature": c.get("temperature", 1.0)}
 
     @property
+    def weighs_patient(self) -> bool:
+        """Whether a run of this config weights the patient loss (beta > 0; a sweep: any of its betas)."""
+        c = self.config
+        return max(c.get("betas", (c.get("beta", 0.0),))) > 0
+
+    @property
     def projection_to(self) -> int | None:
         """The teacher's hidden size when the student's differs and config.projection asks for a
         learned map (without it, only width-free distances such as cka may compare them)."""
@@ -134,7 +140,8 @@ class Setup:
         if self.online:
             sample = targets.layer_features(t_graphdef, t_params, self.train_tok, self.mesh, batch_size=256,
                                             bucket=False)[kind]
-            targets.warn_if_constant(sample[index], self.layer_map, kind, log)
+            if self.weighs_patient:
+                targets.warn_if_constant(sample[index], self.layer_map, kind, log)
             return TeacherFeed(t_graphdef, t_params)
         from pkd_jax import teacher_cache
 
@@ -144,7 +151,8 @@ class Setup:
             dtype_name=jnp.dtype(self.dtype).name, architecture=repr(self.teacher.config),
             features=self.config.patient_features, progress=self.config.progress and lead)
         log.info("teacher outputs %s: %s", "reused" if cache.reused else "computed", cache.path)
-        targets.warn_if_constant(np.swapaxes(cache.features[:256], 0, 1), self.layer_map, kind, log)
+        if self.weighs_patient:  # FT and KD runs of a study ignore the patient features
+            targets.warn_if_constant(np.swapaxes(cache.features[:256], 0, 1), self.layer_map, kind, log)
         return TeacherFeed(add_to_batch=cache.add_to)
 
     def make_step(self, graphdef, tx, teacher_graphdef=None):

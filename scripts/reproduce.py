@@ -1,76 +1,120 @@
-r"""Reproduce the paper's comparison in miniature: teachers, then FT / KD / PKD-Last / PKD-Skip students.
+r"""The paper's comparison, and this project's new objectives, over seeds: docs/results.md.
 
-  python scripts/reproduce.py --glue-dir=../shared/glue --out=runs/reproduce       # full tasks (accelerator)
-  python scripts/reproduce.py --glue-dir=../shared/glue --out=runs/reproduce-cpu \
-      --train-examples=1000 --max-seq-length=64 ...     # the CPU miniature: docs/results.md has the command
+  python scripts/reproduce.py --glue-dir=../shared/glue --out=runs/study ...   # docs/results.md has the command
 
-For each task: the teacher (`--model`, all its layers, fine-tuned with cross-entropy), then for
-each student depth k and method a sweep (`configs/sweep.py`, students trained side by side):
+For each task: the teacher (`--model`, all its layers, fine-tuned with cross-entropy), the
+advisor's measurement of it (`pkd_jax.advise`, per student depth), then for each student depth k
+and method a sweep (`configs/sweep.py`):
 
-  FT        alpha = beta = 0 (plain cross-entropy; the teacher is not used)
-  KD        beta = 0, grid over --temperatures x --alphas
-  PKD-Last  strategy=last, grid over --temperatures x --alphas x --betas
-  PKD-Skip  strategy=skip, the same grid
+  FT             alpha = beta = 0 (plain cross-entropy; the teacher is not used)
+  KD             beta = 0; grid over --temperatures x --alphas
+  PKD-Last       the paper's patient loss on [CLS] vectors, strategy=last
+  PKD-Skip       the same, strategy=skip
+  PKD-Last-mean  PKD-Last on the mean over real tokens (patient_features=mean)
+  PKD-Skip-mean  PKD-Skip on the mean over real tokens
+  Advised        the features and layer map the advisor recommends for this teacher, task and k,
+                 with the distance --advised-distance (default cka); beta grid --advised-betas
 
-Protocol: the grid is trained with seed 0; the point with the best dev score (the task's main
-metric, each student's best evaluation) is then trained with the other --seeds, and the table
-reports mean +- std over all seeds of that point. Selection and report both use the dev set (GLUE
-test labels are hidden), so the figures are optimistic for every method alike. To save compute,
---tune-layers and --tune-tasks restrict the search: e.g. with --tune-layers=3 --tune-tasks=sst2
-only SST-2's 3-layer students search the grid, and every other student trains the point chosen
-there for its method, with every seed (a task that searches reuses its own first depth's points).
+Protocol: every grid is trained with the first seed, and the point with the best dev score (the
+task's main metric, each student's best evaluation) is then trained with the other --seeds; the
+tables report those seeds. KD searches T x alpha; the patient methods then search beta at KD's
+chosen T and alpha (with --patient-grid=joint, or when KD is not among --methods, they search
+T x alpha x beta, as the paper did). Every method
+sees the same data order and initial head with the same seed, so methods are compared seed by seed
+(paired). --tune-tasks / --tune-layers restrict the search: the other tasks and depths train the
+points chosen on the first tuned task and depth (the Advised method keeps its own task's features
+and map). --depth-tasks limits depths after the first to some tasks (2:sst2 trains 2-layer
+students on SST-2 only).
 
 Every run is a run.py workdir under OUT/<task>/...; a finished one is skipped and an interrupted
-one resumes, so rerunning the same command continues where it stopped. Writes OUT/results.md
-(the tables, commands and wall time) and OUT/results.json; --report-only writes them from the
-runs finished so far (a missing cell shows "–") and trains nothing.
+one resumes, so rerunning the same command continues where it stopped, in sittings. Each
+invocation appends its wall and CPU seconds to OUT/sittings.jsonl. Writes OUT/results.md (the
+tables, `scripts/study_tables.py`) and OUT/results.json; --report-only writes them from the runs
+finished so far (a missing cell shows "–") and trains nothing; --doc=docs/results.md also puts the
+tables between that page's `<!-- study:begin -->` and `<!-- study:end -->` lines.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
+import datetime
 import json
 import logging
+import platform
+import resource
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
 
+import flax
 import jax
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ lives at the repo root, beside run.py
 from configs import finetune, sweep as sweep_config
-from pkd_jax import advise, bert, checkpoints, fsutil, metrics, report, sweep, train
+from pkd_jax import advise, checkpoints, fsutil, metrics, sweep, train
+from pkd_jax.data import glue
 
-METHODS = ("FT", "KD", "PKD-Last", "PKD-Skip")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import study_tables  # noqa: E402
+
+PATIENT = {  # method -> (strategy, patient_features); the distance is mse
+    "PKD-Last": ("last", "cls"), "PKD-Skip": ("skip", "cls"),
+    "PKD-Last-mean": ("last", "mean"), "PKD-Skip-mean": ("skip", "mean"),
+}
+METHODS = ("FT", "KD", *PATIENT, "Advised")
+BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
+
+
+def _per_task(cast):
+    """'96' (every task) or 'sst2:10000,mrpc:0' (0: the whole set) -> {task or '*': value}."""
+    def parse(text: str) -> dict:
+        out = {}
+        for item in text.split(","):
+            task, _, value = item.rpartition(":")
+            out[task or "*"] = cast(value)
+        return out
+    return parse
+
+
+def _depth_tasks(text: str) -> dict[int, tuple[str, ...]]:
+    return {int(k): tuple(v.split("+")) for k, _, v in (item.partition(":") for item in text.split(",") if item)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     floats = lambda s: tuple(float(x) for x in s.split(","))  # noqa: E731
     ints = lambda s: tuple(int(x) for x in s.split(","))  # noqa: E731
-    p.add_argument("--out", default="runs/reproduce")
+    names = lambda s: tuple(s.split(","))  # noqa: E731
+    p.add_argument("--out", default="runs/study")
     p.add_argument("--glue-dir", default=None, help="a local GLUE folder; default: the HF hub")
     p.add_argument("--model", default="minilm-l6", help="teacher checkpoint; students start from its first k layers")
-    p.add_argument("--tasks", default="sst2,mrpc,rte,stsb", type=lambda s: tuple(s.split(",")))
-    p.add_argument("--layers", default=(3, 2), type=ints, help="student depths")
+    p.add_argument("--tasks", default=("sst2", "mrpc", "stsb"), type=names)
+    p.add_argument("--layers", default=(3,), type=ints, help="student depths; the first is the main one")
+    p.add_argument("--depth-tasks", default={}, type=_depth_tasks,
+                   help="tasks of the other depths, e.g. 2:sst2+mrpc (default: every task)")
     p.add_argument("--tune-layers", default=None, type=ints,
                    help="depths that search the grid (default: all); the others reuse the first one's points")
-    p.add_argument("--tune-tasks", default=None, type=lambda s: tuple(s.split(",")),
+    p.add_argument("--tune-tasks", default=None, type=names,
                    help="tasks that search the grid (default: all); the others reuse the first one's points")
-    p.add_argument("--methods", default=METHODS, type=lambda s: tuple(s.split(",")))
-    p.add_argument("--seeds", default=(0, 1, 2), type=ints, help="the first one runs the grid")
-    p.add_argument("--temperatures", default=(5.0, 10.0), type=floats)
+    p.add_argument("--methods", default=METHODS, type=names)
+    p.add_argument("--seeds", default=(0, 1, 2, 3, 4), type=ints, help="the first one runs the grid")
+    p.add_argument("--temperatures", default=(10.0,), type=floats)
     p.add_argument("--alphas", default=(0.5, 0.7), type=floats)
-    p.add_argument("--betas", default=(100.0, 500.0), type=floats)
-    p.add_argument("--train-examples", default=None, type=int, help="a fixed random subset of each training set")
-    p.add_argument("--max-seq-length", default=128, type=int)
+    p.add_argument("--betas", default=(100.0, 500.0), type=floats, help="the mse patient methods' beta grid")
+    p.add_argument("--patient-grid", default="after-kd", choices=("after-kd", "joint"),
+                   help="after-kd: the patient methods search beta at KD's T and alpha; joint: T x alpha x beta "
+                        "(the paper's grid)")
+    p.add_argument("--advised-distance", default="cka")
+    p.add_argument("--advised-betas", default=(1.0, 10.0), type=floats)
+    p.add_argument("--train-examples", default={"*": 0}, type=_per_task(int),
+                   help="a fixed random subset of each training set: N or task:N,... (0: all)")
+    p.add_argument("--max-seq-length", default={"*": 128}, type=_per_task(int), help="N or task:N,...")
     p.add_argument("--teacher-epochs", default=3.0, type=float)
     p.add_argument("--teacher-lr", default=5e-5, type=float)
-    p.add_argument("--student-epochs", default=4.0, type=float)
+    p.add_argument("--student-epochs", default=3.0, type=float)
     p.add_argument("--student-lr", default=2e-4, type=float,
                    help="MiniLM's lower layers need 2e-4 (README); 5e-5 suits BERT-base")
     p.add_argument("--batch-size", default=32, type=int)
@@ -79,13 +123,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "accelerator, 1 on CPU, where vmap does not pay)")
     p.add_argument("--speed-repeats", default=5, type=int)
     p.add_argument("--report-only", action="store_true", help="tables from the finished runs only; train nothing")
-    return p.parse_args(argv)
+    p.add_argument("--doc", default=None, help="also write the tables into this page between its study markers")
+    args = p.parse_args(argv)
+    for bad in set(args.methods) - set(METHODS):
+        p.error(f"--methods: unknown method {bad!r}; known: {', '.join(METHODS)}")
+    if args.tune_layers and not set(args.tune_layers) <= set(args.layers):
+        p.error(f"--tune-layers={args.tune_layers}: every depth must be in --layers={args.layers}")
+    if args.tune_tasks and not set(args.tune_tasks) <= set(args.tasks):
+        p.error(f"--tune-tasks={args.tune_tasks}: every task must be in --tasks={args.tasks}")
+    return args
 
 
-def common_overrides(args) -> dict:
-    """Fields every run of the reproduction shares."""
-    return {"max_seq_length": args.max_seq_length, "batch_size": args.batch_size, "train_examples": args.train_examples,
-            "predict_test": False, "progress": False}
+def _of(table: dict, task: str):
+    return table.get(task, table.get("*"))
+
+
+def common_overrides(task, args) -> dict:
+    """Fields every run of the task shares."""
+    return {"max_seq_length": _of(args.max_seq_length, task), "batch_size": args.batch_size,
+            "train_examples": _of(args.train_examples, task) or None, "predict_test": False, "progress": False}
 
 
 def _apply(config, overrides: dict):
@@ -101,25 +157,36 @@ def _arg(task, args, **extra) -> str:
 
 def teacher_config(task, args):
     c = finetune.get_config(_arg(task, args, model=args.model))
-    return _apply(c, {**common_overrides(args), "num_epochs": args.teacher_epochs, "learning_rate": args.teacher_lr})
+    return _apply(c, {**common_overrides(task, args), "num_epochs": args.teacher_epochs, "learning_rate": args.teacher_lr})
 
 
-def method_grid(method: str, args) -> dict:
+def method_fields(method: str, advice: dict, args) -> dict:
+    """The config fields that make a sweep this method (beside the grid)."""
+    if method in PATIENT:
+        strategy, features = PATIENT[method]
+        return {"strategy": strategy, "patient_features": features, "distance": "mse"}
+    if method == "Advised":
+        rec = advice["recommendation"]
+        strategy = rec["strategy"] if rec["strategy"] in ("skip", "last") else ",".join(map(str, rec["layer_map"]))
+        return {"strategy": strategy, "patient_features": rec["features"], "distance": args.advised_distance}
+    return {}
+
+
+def method_grid(method: str, args, kd_point: dict | None) -> dict:
     """The sweep axes of one method (seed and learning rate excluded)."""
     if method == "FT":
         return {"temperatures": (1.0,), "alphas": (0.0,), "betas": (0.0,)}
     if method == "KD":
         return {"temperatures": args.temperatures, "alphas": args.alphas, "betas": (0.0,)}
-    if method in ("PKD-Last", "PKD-Skip"):
-        return {"temperatures": args.temperatures, "alphas": args.alphas, "betas": args.betas}
-    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    betas = args.advised_betas if method == "Advised" else args.betas
+    if kd_point is None:
+        return {"temperatures": args.temperatures, "alphas": args.alphas, "betas": betas}
+    return {"temperatures": (kd_point["temperature"],), "alphas": (kd_point["alpha"],), "betas": betas}
 
 
-def student_config(task, k, method, teacher_dir, args, grid: dict, seeds):
-    strategy = "last" if method == "PKD-Last" else "skip"
-    # A 2-layer student of a 6-layer teacher: skip maps layer 1 to teacher layer 3, last to 5.
-    c = sweep_config.get_config(_arg(task, args, teacher=teacher_dir, layers=k, strategy=strategy))
-    return _apply(c, {**common_overrides(args), **grid, "num_epochs": args.student_epochs,
+def student_config(task, k, fields: dict, teacher_dir, args, grid: dict, seeds):
+    c = sweep_config.get_config(_arg(task, args, teacher=teacher_dir, layers=k))
+    return _apply(c, {**common_overrides(task, args), **fields, **grid, "num_epochs": args.student_epochs,
                       "learning_rates": (args.student_lr,), "seeds": tuple(seeds),
                       "students_per_chunk": args.students_per_chunk})
 
@@ -133,23 +200,59 @@ class Unfinished(Exception):
     """--report-only met a run that has not finished."""
 
 
-def run_teacher(task, args, out: Path) -> Path:
+class Ledger:
+    """Runs trained by this invocation, and its wall and CPU seconds (appended to OUT/sittings.jsonl)."""
+
+    def __init__(self):
+        self.start, self.trained = time.time(), 0
+
+    @staticmethod
+    def cpu_seconds() -> float:
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+    def close(self, out: Path) -> None:
+        if not self.trained:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        line = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "wall_s": round(time.time() - self.start, 1), "cpu_s": round(self.cpu_seconds(), 1),
+                "runs_trained": self.trained}
+        with open(out / "sittings.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def run_teacher(task, args, out: Path, ledger: Ledger) -> Path:
     workdir = out / task / "teacher"
     if _finished(workdir) is None:
         if args.report_only:
             raise Unfinished(workdir)
         print(f"[reproduce] {task}: fine-tuning the teacher in {workdir}", flush=True)
         train.train_and_evaluate(teacher_config(task, args), workdir)
+        ledger.trained += 1
     return workdir
 
 
-def finished_sweep(config, workdir: Path, report_only: bool) -> dict:
+def teacher_advice(task, k, teacher_dir: Path, args, out: Path) -> dict:
+    """The advisor on the finished teacher for k-layer students (computed once, kept in OUT)."""
+    where = out / task / f"advice-k{k}"
+    if (where / "advice.json").exists():
+        return json.loads((where / "advice.json").read_text())
+    advice = advise.advise(str(teacher_dir), task, student_init=args.model, layers=k, glue_dir=args.glue_dir,
+                           max_seq_length=_of(args.max_seq_length, task))
+    advice["command"] = f"scripts/reproduce.py (advise.advise on {teacher_dir}, layers={k})"
+    advise.write(advice, where)
+    return advice
+
+
+def finished_sweep(config, workdir: Path, args, ledger: Ledger) -> dict:
     done = _finished(workdir)
     if done is None:
-        if report_only:
+        if args.report_only:
             raise Unfinished(workdir)
         print(f"[reproduce] {config.task}: {workdir} ({len(sweep.grid(config))} students)", flush=True)
         done = sweep.train_grid(config, workdir)
+        ledger.trained += len(sweep.grid(config))
     return done
 
 
@@ -166,16 +269,24 @@ def _rows(workdir: Path) -> list[dict]:
     return rows
 
 
-def run_method(task, k, method, teacher_dir: Path, args, out: Path, tuned: dict | None = None) -> dict:
+def _metric_names(rows: list[dict]) -> list[str]:
+    """The dev metrics sweep.csv holds for this task (its columns after `score`)."""
+    header = list(rows[0])
+    return header[header.index("score") + 1:header.index("last_step")]
+
+
+def run_method(task, k, method, fields: dict, teacher_dir: Path, args, out: Path, ledger: Ledger,
+               tuned: dict | None = None, kd_point: dict | None = None) -> dict:
     """Grid with the first seed, then the best point with the other seeds; its per-seed rows.
 
     `tuned`: the result of this method where the grid was searched; train its point only.
     """
     base = out / task / f"k{k}" / method.lower()
     if tuned is None:
-        grid = method_grid(method, args)
+        grid = method_grid(method, args, kd_point)
         first, rest = args.seeds[:1], args.seeds[1:]
-        results = finished_sweep(student_config(task, k, method, teacher_dir, args, grid, first), base / "grid", args.report_only)
+        results = finished_sweep(student_config(task, k, fields, teacher_dir, args, grid, first), base / "grid",
+                                 args, ledger)
         best = {key: results["best"][key] for key in ("temperature", "alpha", "beta")}
         rows = [r for r in _rows(base / "grid") if all(r[key] == value for key, value in best.items())]
         grid_size, model = results["students"], base / "grid" / "best_model"
@@ -185,177 +296,129 @@ def run_method(task, k, method, teacher_dir: Path, args, out: Path, tuned: dict 
         source = tuned["source"]
     point = {"temperatures": (best["temperature"],), "alphas": (best["alpha"],), "betas": (best["beta"],)}
     if rest:
-        finished_sweep(student_config(task, k, method, teacher_dir, args, point, rest), base / "seeds", args.report_only)
+        finished_sweep(student_config(task, k, fields, teacher_dir, args, point, rest), base / "seeds", args, ledger)
         rows += _rows(base / "seeds")
     return {"workdir": str(base), "model": str(model), "point": best, "grid_size": grid_size, "source": source,
-            "seeds": [int(r["seed"]) for r in rows],
+            "fields": fields, "seeds": [int(r["seed"]) for r in rows],
             "metrics": {name: [r[name] for r in rows] for name in _metric_names(rows)},
             "score": [r["score"] for r in rows]}
 
 
-def _metric_names(rows: list[dict]) -> list[str]:
-    """The dev metrics sweep.csv holds for this task (its columns after `score`)."""
-    header = list(rows[0])
-    return header[header.index("score") + 1:header.index("last_step")]
+def dev_facts(task: str, args, tokenizer) -> dict:
+    """Majority-class baseline on dev, and how many train / dev examples the length cuts."""
+    dev = glue.load_split(task, "validation", args.glue_dir)
+    labels = np.asarray(dev["label"])
+    if labels.dtype.kind == "f":
+        baseline = dict.fromkeys(metrics.compute(task, labels, labels), float("nan"))  # a constant has no correlation
+    else:
+        baseline = metrics.compute(task, np.full_like(labels, np.bincount(labels).argmax()), labels)
+    n = _of(args.max_seq_length, task)
+    cut = {}
+    for split in ("train", "validation"):
+        ds = glue.load_split(task, split, args.glue_dir)  # the whole train set, of which runs may take a subset
+        pairs = [ds["text_a"]] + ([ds["text_b"]] if ds["text_b"][0] is not None else [])
+        lengths = [len(x) for x in tokenizer(*[list(p) for p in pairs])["input_ids"]]
+        cut[split] = [int(sum(length > n for length in lengths)), len(lengths)]
+    return {"baseline": baseline, "truncated": cut, "max_seq_length": n, "train_examples": _of(args.train_examples, task)}
 
 
-@dataclasses.dataclass
-class Stat:
-    mean: float
-    std: float
-    n: int
-
-    @classmethod
-    def of(cls, values) -> "Stat":
-        values = [float(v) for v in values]
-        return cls(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
-
-    def __str__(self) -> str:
-        text = f"{100 * self.mean:.1f}"
-        return text + (f" ± {100 * self.std:.1f}" if self.n > 1 else "")
+def _depths(args) -> list[int]:
+    tune = args.tune_layers or args.layers
+    return sorted(args.layers, key=lambda k: k not in tune)  # tuned depths first
 
 
-def _task_cell(task: str, values: dict[str, list[float]]) -> str:
-    """The paper's cell: MRPC F1/accuracy, STS-B Pearson/Spearman, others the main metric."""
-    names = {"mrpc": ("f1", "accuracy"), "qqp": ("f1", "accuracy"), "stsb": ("pearson", "spearmanr")}.get(
-        task, (metrics.main_metric(task),))
-    return " / ".join(str(Stat.of(values[n])) for n in names)
+def _tasks(args, k: int) -> list[str]:
+    tune = args.tune_tasks or args.tasks
+    tasks = args.depth_tasks.get(k, args.tasks) if k != args.layers[0] else args.tasks
+    return sorted(tasks, key=lambda t: t not in tune)  # tuned tasks first
 
 
-def _headline(task: str) -> str:
-    names = {"mrpc": "F1 / acc.", "qqp": "F1 / acc.", "stsb": "Pearson / Spearman"}
-    return f"{report.task_title(task)} ({names.get(task, report.metric_title(metrics.main_metric(task)))})"
+def run_students(summary: dict, k: int, task: str, args, out: Path, ledger: Ledger) -> None:
+    """Every method of one (task, depth): searched, or the tuned task/depth's points reused."""
+    tune_layers, tune_tasks = args.tune_layers or args.layers, args.tune_tasks or args.tasks
+    students = summary["students"].setdefault(task, {})
+    if task not in tune_tasks:
+        tuned = summary["students"].get(tune_tasks[0], {}).get(str(tune_layers[0]), {})
+    else:
+        tuned = students.get(str(tune_layers[0]), {}) if k not in tune_layers else None
+    done = students[str(k)] = {}
+    teacher_dir = out / task / "teacher"
+    advice = summary["advice"][task][str(k)]
+    for m in sorted(args.methods, key=METHODS.index):  # KD before the patient methods that take its point
+        if tuned is not None and tuned.get(m) is None:
+            continue  # --report-only: the point to reuse is not known yet
+        after_kd = (tuned is None and args.patient_grid == "after-kd" and "KD" in args.methods
+                    and m not in ("FT", "KD"))
+        if after_kd and "KD" not in done:
+            continue  # --report-only: KD's point is not known yet
+        kd = done["KD"]["point"] if after_kd else None
+        try:
+            done[m] = run_method(task, k, m, method_fields(m, advice, args), teacher_dir, args, out, ledger,
+                                 None if tuned is None else tuned[m], kd)
+        except Unfinished:
+            pass
 
 
-def speed_table(model_dirs: dict[str, str], repeats: int) -> list[dict]:
-    """Inference examples/s of each model (batch 128, seq 128), parameters, and speed-up over the first."""
-    rows = []
-    for label, path in model_dirs.items():
-        model = checkpoints.load_pretrained(path)
-        params = bert.param_count(model)
-        rate = report.inference_examples_per_s(path, batch_size=128, seq_len=128, repeats=repeats)
-        rows.append({"model": label, "layers": model.config.num_hidden_layers, "params": params, "examples_per_s": rate})
-    for r in rows:
-        r["speedup"] = r["examples_per_s"] / rows[0]["examples_per_s"]
-    return rows
-
-
-def _student(summary: dict, task: str, k: int, method: str) -> dict | None:
-    """One method's result, or None where --report-only found it unfinished."""
-    return summary["students"].get(task, {}).get(str(k), {}).get(method)
-
-
-def markdown(summary: dict, args, command: str) -> str:
-    tasks = summary["tasks"]
-    lines = ["# PKD in miniature: results", "",
-             f"Command: `{command}`", "",
-             f"Device: {summary['device']}; jax {jax.__version__}; wall time {summary['wall_minutes']:.0f} min "
-             f"(this invocation; finished runs are skipped on a rerun). Dev-set metrics ×100 of each "
-             f"run's best evaluation; students: mean ± std over seeds {', '.join(map(str, args.seeds))} of the "
-             "grid point chosen with the first seed.", "",
-             "| Model | " + " | ".join(_headline(t) for t in tasks) + " | Avg % of teacher |",
-             "|---|" + "---:|" * (len(tasks) + 1)]
-    teacher = summary["teacher"]
-    lines.append(f"| Teacher BERT{teacher.get('layers', '')} | "
-                 + " | ".join(_task_cell(t, {n: [v] for n, v in teacher["metrics"][t].items()})
-                              if t in teacher["metrics"] else "–" for t in tasks) + " | 100 |")
-    for k in args.layers:
-        for method in args.methods:
-            cells, ratios = [], []
-            for t in tasks:
-                res = _student(summary, t, k, method)
-                cells.append("–" if res is None else _task_cell(t, res["metrics"]))
-                if res is not None:
-                    ratios.append(statistics.fmean(res["score"]) / teacher["score"][t])
-            average = "–" if not ratios else f"{100 * statistics.fmean(ratios):.1f}" + (
-                f" ({len(ratios)} of {len(tasks)} tasks)" if len(ratios) < len(tasks) else "")
-            lines.append(f"| {method}-{k} | " + " | ".join(cells) + f" | {average} |")
-    lines += ["", "Chosen grid points (T, α, β; of how many grid points, or reused from another depth):", "",
-              "| Student | " + " | ".join(report.task_title(t) for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
-    for k in args.layers:
-        for method in args.methods:
-            cells = []
-            for t in tasks:
-                res = _student(summary, t, k, method)
-                if res is None:
-                    cells.append("–")
-                    continue
-                p = res["point"]
-                src = res["source"]
-                source = (f"of {res['grid_size']}" if res["grid_size"] else f"k={src['layers']}'s" if src["task"] == t
-                          else f"{report.task_title(src['task'])} k={src['layers']}'s")
-                cells.append("–" if method == "FT" else f"T={p['temperature']:g}, α={p['alpha']:g}, β={p['beta']:g} "
-                             f"({source})")
-            lines.append(f"| {method}-{k} | " + " | ".join(cells) + " |")
-    lines += ["", "Inference (batch 128, seq 128, the exported models, float32 on CPU / bfloat16 on accelerators):", "",
-              "| Model | Layers | Parameters | Examples/s | Speed-up |", "|---|---:|---:|---:|---:|"]
-    for r in summary["speed"]:
-        lines.append(f"| {r['model']} | {r['layers']} | {r['params'] / 1e6:.1f}M | {r['examples_per_s']:.1f} | "
-                     f"{r['speedup']:.2f}× |")
-    spread = summary["teacher"]["cls_spread"]
-    if spread:
-        layers = len(next(iter(spread.values())))
-        lines += ["", "How much the teacher's L2-normalised [CLS] vector varies with the input, per layer (mean "
-                  "squared distance to the mean over 256 dev examples; 0: the same vector for every input, so a "
-                  "patient loss towards that layer carries no information):", "",
-                  "| Teacher | " + " | ".join(f"layer {l + 1}" for l in range(layers)) + " |",
-                  "|---|" + "---:|" * layers]
-        lines += [f"| {report.task_title(t)} | " + " | ".join(f"{x:.4f}" for x in values) + " |"
-                  for t in tasks if (values := spread.get(t))]
-    return "\n".join(lines) + "\n"
+def versions() -> str:
+    return (f"Python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}, "
+            f"{platform.processor() or platform.machine()}")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.tune_layers and not set(args.tune_layers) <= set(args.layers):
-        raise SystemExit(f"--tune-layers={args.tune_layers}: every depth must be in --layers={args.layers}")
-    if args.tune_tasks and not set(args.tune_tasks) <= set(args.tasks):
-        raise SystemExit(f"--tune-tasks={args.tune_tasks}: every task must be in --tasks={args.tasks}")
-    tune_layers, tune_tasks = args.tune_layers or args.layers, args.tune_tasks or args.tasks
     logging.getLogger("absl").setLevel(logging.WARNING)
-    out = Path(args.out)
-    start = time.time()
-    summary = {"tasks": list(args.tasks), "teacher": {"metrics": {}, "score": {}, "cls_spread": {}}, "students": {},
-               "device": f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"}
-    for task in sorted(args.tasks, key=lambda t: t not in tune_tasks):  # tuned tasks first
-        try:
-            teacher_dir = run_teacher(task, args, out)
-        except Unfinished:
-            continue
-        res = _finished(teacher_dir)
-        summary["teacher"]["metrics"][task] = res["metrics"]
-        summary["teacher"]["score"][task] = res["metrics"]["score"]
-        summary["teacher"]["layers"] = res["model"]["layers"]
-        summary["teacher"]["cls_spread"][task] = advise.layer_spreads(
-            str(teacher_dir / "model"), task, glue_dir=args.glue_dir, max_seq_length=args.max_seq_length)["cls"]
-        students = summary["students"][task] = {}
-        for k in sorted(args.layers, key=lambda k: k not in tune_layers):  # tuned depths first
-            if task not in tune_tasks:
-                tuned = summary["students"].get(tune_tasks[0], {}).get(str(tune_layers[0]), {})
-            else:
-                tuned = students[str(tune_layers[0])] if k not in tune_layers else None
-            students[str(k)] = {}
-            for m in args.methods:
-                if tuned is not None and tuned.get(m) is None:
-                    continue  # --report-only: the point to reuse is not known yet
-                try:
-                    students[str(k)][m] = run_method(task, k, m, teacher_dir, args, out, None if tuned is None else tuned[m])
-                except Unfinished:
-                    pass
+    out, ledger = Path(args.out), Ledger()
+    summary = {"tasks": list(args.tasks), "layers": list(args.layers), "seeds": list(args.seeds),
+               "teacher": {"metrics": {}, "score": {}}, "advice": {}, "data": {}, "students": {},
+               "device": f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})",
+               "versions": versions()}
+    tokenizer = checkpoints.load_tokenizer(checkpoints.resolve(args.model))
+    try:
+        for task in args.tasks:  # every teacher first: the students of each need all of them anyway
+            summary["data"][task] = dev_facts(task, args, tokenizer)
+            try:
+                teacher_dir = run_teacher(task, args, out, ledger)
+            except Unfinished:
+                continue
+            res = _finished(teacher_dir)
+            summary["teacher"]["metrics"][task] = res["metrics"]
+            summary["teacher"]["score"][task] = res["metrics"]["score"]
+            summary["teacher"]["layers"] = res["model"]["layers"]
+            summary["advice"][task] = {str(k): teacher_advice(task, k, teacher_dir, args, out) for k in args.layers}
+        for k in _depths(args):
+            for task in _tasks(args, k):
+                if task in summary["advice"]:
+                    run_students(summary, k, task, args, out, ledger)
+    finally:
+        ledger.close(out)
     first = args.tasks[0]
     models = {f"Teacher ({first})": out / first / "teacher" / "model"}
     models.update({f"Student k={k} ({first})": Path(res["model"]) for k in args.layers
-                   if (res := _student(summary, first, k, args.methods[0])) is not None})
-    summary["speed"] = speed_table({label: str(path) for label, path in models.items() if path.exists()},
-                                   args.speed_repeats)
-    summary["wall_minutes"] = (time.time() - start) / 60
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    text = markdown(summary, args, command)
+                   if (res := summary["students"].get(first, {}).get(str(k), {}).get(args.methods[0])) is not None})
+    summary["speed"] = study_tables.speed_table({label: str(path) for label, path in models.items() if path.exists()},
+                                                args.speed_repeats)
+    sittings = out / "sittings.jsonl"
+    summary["sittings"] = [json.loads(line) for line in sittings.read_text().splitlines()] if sittings.exists() else []
+    summary["date"] = datetime.date.today().isoformat()
+    summary["command"] = "python " + " ".join(
+        shlex.quote(a) for a in ["scripts/reproduce.py", *(argv if argv is not None else sys.argv[1:])])
+    text = study_tables.markdown(summary)
     out.mkdir(parents=True, exist_ok=True)
     fsutil.write_text(out / "results.md", text)
     fsutil.write_text(out / "results.json", json.dumps(summary, indent=1) + "\n")
+    if args.doc:
+        write_into(Path(args.doc), text)
     print(text, flush=True)
     return 0
+
+
+def write_into(page: Path, text: str) -> None:
+    """Replace what lies between the page's study markers with text."""
+    old = page.read_text()
+    if BEGIN not in old or END not in old:
+        raise SystemExit(f"--doc={page}: the page needs the lines {BEGIN} and {END} around the generated part")
+    head, rest = old.split(BEGIN, 1)
+    fsutil.write_text(page, f"{head}{BEGIN}\n{text}{END}{rest.split(END, 1)[1]}")
 
 
 if __name__ == "__main__":

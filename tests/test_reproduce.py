@@ -1,11 +1,14 @@
-"""scripts/reproduce.py end to end at toy scale: teacher, grid, seeds, reused points, tables, resume."""
+"""scripts/reproduce.py end to end at toy scale: teacher, advisor, grids (KD's point handed to the patient
+methods), seeds, reused points, the statistics in the tables, the sittings ledger, resume, --report-only, --doc."""
 
 import csv
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+from scipy import stats as sps
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE = REPO.parent / "shared" / "glue"
@@ -16,59 +19,93 @@ def _scores(sweep_dir: Path) -> dict[int, float]:
         return {int(r["seed"]): float(r["score"]) for r in csv.DictReader(f)}
 
 
-def test_reproduce_small(tmp_path):
-    out = tmp_path / "repro"
-    cmd = [sys.executable, str(REPO / "scripts" / "reproduce.py"), f"--glue-dir={GLUE}", f"--out={out}",
-           "--tasks=rte", "--layers=3,2", "--tune-layers=3", "--methods=FT,PKD-Skip", "--seeds=0,1",
-           "--train-examples=48", "--max-seq-length=32", "--teacher-epochs=1", "--student-epochs=1",
-           "--temperatures=5", "--alphas=0.5,0.9", "--betas=100", "--students-per-chunk=1", "--speed-repeats=1"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+def _ci(x) -> tuple[float, float, float]:
+    """mean and the 95 % Student t interval, transcribed from the textbook formula."""
+    x = np.asarray(x, np.float64)
+    half = sps.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size)
+    return x.mean(), x.mean() - half, x.mean() + half
+
+
+def _run(cmd, cwd):
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_reproduce_small(tmp_path, tokenizer):
+    out = tmp_path / "study"
+    cmd = [sys.executable, str(REPO / "scripts" / "reproduce.py"), f"--glue-dir={GLUE}", f"--out={out}",
+           "--tasks=rte", "--layers=3,2", "--tune-layers=3", "--methods=KD,Advised", "--seeds=0,1",
+           "--train-examples=48", "--max-seq-length=32", "--teacher-epochs=1", "--student-epochs=1",
+           "--temperatures=5", "--alphas=0.5,0.9", "--advised-betas=2", "--students-per-chunk=1",
+           "--speed-repeats=1"]
+    first = _run(cmd, tmp_path)
+    # KD's students ignore the teacher's near-constant [CLS] features (beta = 0): no warning about them.
+    assert "hardly vary" not in first.stderr
     summary = json.loads((out / "results.json").read_text())
+    k3 = summary["students"]["rte"]["3"]
 
-    skip3 = summary["students"]["rte"]["3"]["PKD-Skip"]
-    assert skip3["grid_size"] == 2  # alpha 0.5 and 0.9 with seed 0
-    grid = json.loads((out / "rte/k3/pkd-skip/grid/results.json").read_text())["best"]
-    assert skip3["point"] == {k: grid[k] for k in ("temperature", "alpha", "beta")}
-    # Seed 0 of the chosen point comes from the grid, seed 1 from its own sweep; the table's
-    # figures are exactly those runs' dev scores.
-    with open(out / "rte/k3/pkd-skip/grid/sweep.csv", newline="") as f:
-        seed0 = [float(r["score"]) for r in csv.DictReader(f) if float(r["alpha"]) == grid["alpha"]]
-    assert skip3["seeds"] == [0, 1]
-    assert skip3["score"] == [seed0[0], _scores(out / "rte/k3/pkd-skip/seeds")[1]]
+    # KD searched alpha; the advised method trained KD's point with its own beta grid, and the
+    # advisor's features and map (MiniLM: mean features, skip) with the cka distance.
+    kd_best = json.loads((out / "rte/k3/kd/grid/results.json").read_text())["best"]
+    assert k3["KD"]["grid_size"] == 2
+    assert k3["KD"]["point"] == {k: kd_best[k] for k in ("temperature", "alpha", "beta")}
+    assert k3["Advised"]["point"] == {**k3["KD"]["point"], "beta": 2.0}
+    advice = json.loads((out / "rte/advice-k3/advice.json").read_text())["recommendation"]
+    assert (advice["features"], advice["strategy"]) == ("mean", "skip")
+    config = json.loads((out / "rte/k3/advised/grid/config.json").read_text())
+    assert (config["patient_features"], config["strategy"], config["distance"]) == ("mean", "skip", "cka")
 
-    # The 2-layer students did not search the grid: they trained the 3-layer point, every seed.
-    skip2 = summary["students"]["rte"]["2"]["PKD-Skip"]
-    assert skip2["grid_size"] == 0 and skip2["point"] == skip3["point"]
-    assert not (out / "rte/k2/pkd-skip/grid").exists()
-    assert sorted(_scores(out / "rte/k2/pkd-skip/seeds")) == [0, 1]
-    ft2 = summary["students"]["rte"]["2"]["FT"]
-    assert ft2["score"] == [_scores(out / "rte/k2/ft/seeds")[s] for s in (0, 1)]
+    # Seed 0 comes from each grid, seed 1 from the chosen point's own sweep.
+    with open(out / "rte/k3/kd/grid/sweep.csv", newline="") as f:
+        kd0 = [float(r["score"]) for r in csv.DictReader(f) if float(r["alpha"]) == kd_best["alpha"]][0]
+    assert k3["KD"]["seeds"] == [0, 1]
+    assert k3["KD"]["score"] == [kd0, _scores(out / "rte/k3/kd/seeds")[1]]
 
+    # The 2-layer students did not search: they trained the 3-layer points, every seed.
+    k2 = summary["students"]["rte"]["2"]
+    assert all(k2[m]["grid_size"] == 0 and k2[m]["point"] == k3[m]["point"] for m in ("KD", "Advised"))
+    assert not (out / "rte/k2/kd/grid").exists()
+    assert k2["KD"]["score"] == [_scores(out / "rte/k2/kd/seeds")[s] for s in (0, 1)]
+
+    # The tables hold the statistics of those scores: mean ± std [t interval], and the paired
+    # difference against scipy's paired t-test.
     text = (out / "results.md").read_text()
-    teacher = summary["teacher"]["score"]["rte"]
-    cell = f"{100 * statistics.fmean(skip3['score']):.1f} ± {100 * statistics.stdev(skip3['score']):.1f}"
-    ratio = f"{100 * statistics.fmean(skip3['score']) / teacher:.1f}"
-    assert f"| PKD-Skip-3 | {cell} | {ratio} |" in text
-    assert "(k=3's)" in text and "(of 2)" in text
-    assert [r["layers"] for r in summary["speed"]] == [6, 3, 2]
-    # E|u - mean(u)|^2 = 1 - |mean(u)|^2 for unit vectors u: within [0, 1]. MiniLM's lower-layer
-    # [CLS] hardly depends on the input; its top layer's does (docs/results.md).
-    spread = summary["teacher"]["cls_spread"]["rte"]
-    assert len(spread) == 6 and all(0 <= x <= 1 for x in spread)
-    assert spread[0] < 1e-3 < spread[-1]
-    assert "| RTE | " + " | ".join(f"{x:.4f}" for x in spread) + " |" in text
+    mean, low, high = _ci(k3["KD"]["score"])
+    std = np.std(k3["KD"]["score"], ddof=1)
+    assert f"| KD-3 | {100 * mean:.1f} ± {100 * std:.1f} [{100 * low:.1f}, {100 * high:.1f}] |" in text
+    d = np.subtract(k3["Advised"]["score"], k3["KD"]["score"])
+    row = next(line for line in text.splitlines() if line.startswith("| the advised objective above KD"))
+    mean, low, high = _ci(d) if np.ptp(d) > 0 else (d[0], d[0], d[0])  # equal differences: a zero-width CI
+    assert f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}], p=" in row
+    if np.ptp(d) > 0:
+        p = sps.ttest_rel(k3["Advised"]["score"], k3["KD"]["score"]).pvalue
+        assert (f"p={p:.2g}" if p >= 0.001 else "p<0.001") in row
+    assert ("holds" in row) == (low > 0) and ("reversed" in row) == (high < 0)
 
-    # Everything is finished: a rerun trains nothing and writes the same table.
-    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0, again.stderr[-3000:]
+    # The data table counts the examples the length cuts, on the whole split.
+    from pkd_jax.data import glue
+    dev = glue.load_split("rte", "validation", GLUE)
+    cut = sum(len(ids) > 32 for ids in tokenizer(list(dev["text_a"]), list(dev["text_b"]))["input_ids"])
+    assert f"| {cut} of {len(dev)} (" in text
+    assert [r["layers"] for r in summary["speed"]] == [6, 3, 2]
+
+    # One sitting, counting every run it trained: the teacher and 5 + 4 students.
+    sittings = [json.loads(line) for line in (out / "sittings.jsonl").read_text().splitlines()]
+    assert [s["runs_trained"] for s in sittings] == [10] and sittings[0]["cpu_s"] > 0
+
+    # Everything is finished: a rerun trains nothing, adds no sitting and gives the same students.
+    again = _run(cmd, tmp_path)
     assert "[reproduce]" not in again.stdout
+    assert len((out / "sittings.jsonl").read_text().splitlines()) == 1
     assert json.loads((out / "results.json").read_text())["students"] == summary["students"]
 
-    # --report-only trains nothing: a task not run yet shows "–" and the average says so.
-    partial = [a.replace("--tasks=rte", "--tasks=rte,mrpc") for a in cmd] + ["--report-only"]
-    proc = subprocess.run(partial, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # --report-only trains nothing: a task not run yet shows "–"; --doc rewrites only the marked part.
+    page = tmp_path / "results.md"
+    page.write_text("# Head\n<!-- study:begin -->\nold\n<!-- study:end -->\n## Tail\n")
+    partial = [a.replace("--tasks=rte", "--tasks=rte,mrpc") for a in cmd] + ["--report-only", f"--doc={page}"]
+    proc = _run(partial, tmp_path)
     assert "[reproduce]" not in proc.stdout and not (out / "mrpc").exists()
-    assert f"| PKD-Skip-3 | {cell} | – | {ratio} (1 of 2 tasks) |" in (out / "results.md").read_text()
-
+    generated = (out / "results.md").read_text()
+    assert next(line for line in generated.splitlines() if line.startswith("| KD-3 |")).count("| – |") == 1
+    assert page.read_text() == f"# Head\n<!-- study:begin -->\n{generated}<!-- study:end -->\n## Tail\n"
