@@ -57,7 +57,7 @@ def runs(tmp_path_factory, glue_dir):
                   "--config.num_epochs=2", "--config.learning_rate=5e-5",
                   "--config.predict_test=True", f"--config.test_examples={TEST_ROWS}"), env)
     student = _command(f"configs/pkd.py:task=sst2,teacher={teacher},layers=3,strategy=skip,glue_dir={glue_dir}",
-                       root / "PLACEHOLDER", "--config.num_epochs=4", "--config.learning_rate=2e-4",
+                       root / "PLACEHOLDER", "--config.num_epochs=3", "--config.learning_rate=2e-4",
                        "--config.checkpoint_every_steps=40", "--config.eval_every_steps=100")
     uninterrupted = root / "pkd_skip3"
     first_log = _run([a.replace("PLACEHOLDER", uninterrupted.name) for a in student], env)
