@@ -113,7 +113,7 @@ OPTIONAL = {"tensorflow_datasets", "torch"}
 def _third_party(paths, skip=()) -> set[str]:
     """Distributions that provide the top-level modules these files import."""
     providers = importlib.metadata.packages_distributions()
-    local = {"pkd_jax", "configs", "benchmarks", "tests", "conftest"}
+    local = {"pkd_jax", "configs", "benchmarks", "tests", "conftest", *(p.stem for p in (REPO / "scripts").glob("*.py"))}
     found = set()
     for path in paths:
         for name in _imports(path):
