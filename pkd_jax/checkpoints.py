@@ -300,20 +300,28 @@ def state_dict(model: BertForSequenceClassification) -> dict[str, np.ndarray]:
     return {hf_name(p): _to_hf_array(p, v[...]) for p, v in nnx.to_flat_state(params)}
 
 
-def save_pretrained(model: BertForSequenceClassification, path, tokenizer=None) -> Path:
+def save_pretrained(model: BertForSequenceClassification, path, tokenizer=None, *, head: bool = True) -> Path:
     """Write a HF folder (config.json, model.safetensors, tokenizer files when known).
 
-    The folder is staged beside the target and renamed into place (`fsutil.staged_dir`), so an
-    interrupted save never leaves a half-written model where a good one was.
+    head=False writes the encoder alone, as transformers' `BertModel` saves it (no classifier, no
+    "bert." prefix): a multi-task student's shared encoder, which `load_pretrained` also reads
+    (with a fresh head). The folder is staged beside the target and renamed into place
+    (`fsutil.staged_dir`), so an interrupted save never leaves a half-written model where a good one was.
     """
     from safetensors.numpy import save_file
     from transformers import BertConfig as HFBertConfig
 
     path = Path(path)
+    tensors, hf_config = state_dict(model), model.config.to_hf_dict()
+    if not head:
+        tensors = {k.removeprefix("bert."): v for k, v in tensors.items() if k.startswith("bert.")}
+        for key in ("id2label", "label2id", "problem_type", "num_labels"):
+            del hf_config[key]
+        hf_config["architectures"] = ["BertModel"]
     try:
         with fsutil.staged_dir(path) as tmp:
-            HFBertConfig(**model.config.to_hf_dict()).save_pretrained(tmp)
-            save_file(state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
+            HFBertConfig(**hf_config).save_pretrained(tmp)
+            save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
             source = getattr(model, "name_or_path", None)
             if tokenizer is None and source and any((Path(source) / f).exists() for f in _TOKENIZER_FILES):
                 tokenizer = load_tokenizer(source)

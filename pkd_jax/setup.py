@@ -181,12 +181,13 @@ class Setup:
             yield to_devices({k: b[k] for k in steps.TRAIN_INPUTS if k in b})
 
     def example_batches(self, start: int, feed: TeacherFeed, *, seed: int | None = None,
-                        to_devices: Callable[[dict], dict] | None = None) -> list[dict]:
+                        to_devices: Callable[[dict], dict] | None = None, stop: int | None = None) -> list[dict]:
         """One training batch (on the devices) of each padded length that the steps from `start`
-        to the end will have: what to compile the step for before the loop."""
+        to `stop` (default: the end) will have: what to compile the step for before the loop."""
         c = self.config
         seed = c.seed if seed is None else seed
-        lengths = data.step_lengths(self.train_tok, c.batch_size, seed, start, self.total_steps, bucket=c.bucket)
+        stop = self.total_steps if stop is None else stop
+        lengths = data.step_lengths(self.train_tok, c.batch_size, seed, start, stop, bucket=c.bucket)
         firsts = [start + int(np.argmax(lengths == n)) for n in np.unique(lengths)]
         return [next(self.train_batches(step, feed, seed=seed, to_devices=to_devices)) for step in firsts]
 

@@ -47,3 +47,14 @@ def tokenizer(minilm_dir):
     from pkd_jax import checkpoints
 
     return checkpoints.load_tokenizer(minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def stsb_teacher_dir(minilm_dir, tmp_path_factory) -> Path:
+    """The MiniLM with a seeded, untrained one-output (regression) head: an STS-B teacher for tests
+    of mechanics, like sst2_teacher_dir."""
+    from pkd_jax import checkpoints
+
+    model = checkpoints.load_pretrained(minilm_dir, num_labels=1)
+    return checkpoints.save_pretrained(model, tmp_path_factory.mktemp("stsb_teacher"),
+                                       checkpoints.load_tokenizer(minilm_dir))

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from pkd_jax.report.multitask import is_multitask, load_multitask, multitask_rows, sharing_table
 from pkd_jax.report.runs import RunError, is_sweep, load_runs, summary_rows, task_title
 from pkd_jax.report.speed import measure_speed, speed_note
 from pkd_jax.report.tables import markdown_table, read_sweep, sweep_table
@@ -47,10 +48,12 @@ def _render_sweep(workdir: Path, rows: list[dict], task: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    run_dirs = [w for w in args.workdirs if not is_sweep(w)]
+    multitask_dirs = [w for w in args.workdirs if is_multitask(w)]
+    run_dirs = [w for w in args.workdirs if not is_sweep(w) and w not in multitask_dirs]
     speed, note = None, None
     try:  # every input is read (and timed) before anything is written
-        sweeps = [(Path(w), *read_sweep(w)) for w in args.workdirs if w not in run_dirs]
+        sweeps = [(Path(w), *read_sweep(w)) for w in args.workdirs if is_sweep(w)]
+        students = [load_multitask(w) for w in multitask_dirs]
         runs = load_runs(run_dirs, allow_unfinished=True)
         if args.speed and runs:
             options = {"batch_size": args.batch_size, "seq_len": args.seq_len, "repeats": args.repeats,
@@ -63,14 +66,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for run in runs:
         if not run.finished:
             print(f"note: {run.path}: unfinished (no results.json): plotted, not tabled", file=sys.stderr)
-    rows = summary_rows(runs, speed)
-    if runs:
-        path = write_report(runs, rows, Path(args.out) if args.out else default_out(run_dirs), note)
-        printed.append(markdown_table(rows))
+    rows = summary_rows(runs, speed, multitask_rows(students, runs))
+    shared = [sharing_table(s, rows) for s in students]
+    if runs or students:
+        out = Path(args.out) if args.out else default_out(run_dirs + multitask_dirs)
+        path = write_report(runs, rows, out, note, shared)
+        printed += [markdown_table(rows), *shared]
     print("\n\n".join(printed))
     if args.json:
         for row in rows:
             print(json.dumps(dataclasses.asdict(row)))
-    if runs:
+    if runs or students:
         print(f"\nreport: {path}", file=sys.stderr)
     return 0

@@ -11,8 +11,9 @@ from typing import Any, Sequence
 
 from pkd_jax import data
 
-# Same-depth rows are listed in the paper's order: baselines first, then the PKD variants.
-_METHOD_ORDER = ("Teacher", "FT", "KD", "PKD-Last", "PKD-Skip", "PKD")
+# Same-depth rows are listed in the paper's order: baselines first, then the PKD variants, then
+# multi-task students (report/multitask.py).
+_METHOD_ORDER = ("Teacher", "FT", "KD", "PKD-Last", "PKD-Skip", "PKD", "MT")
 
 
 class RunError(ValueError):
@@ -236,10 +237,12 @@ def _sort_key(row: Row) -> tuple:
     return task_order(row.task), row.method != "Teacher", -row.layers, _METHOD_ORDER.index(family)
 
 
-def summary_rows(runs: Sequence[Run], speed: dict[Path, float] | None = None) -> list[Row]:
+def summary_rows(runs: Sequence[Run], speed: dict[Path, float] | None = None,
+                 extra: Sequence[Row] = ()) -> list[Row]:
     """One Row per finished run, grouped by task (GLUE order), teacher first, then deeper first.
 
     speed: run path -> inference examples/s (from measure_speed) to fill the speed columns.
+    extra: rows made elsewhere (a multi-task student's), sorted in among them.
     """
     pairs = teachers(runs)
     rows = []
@@ -261,7 +264,7 @@ def summary_rows(runs: Sequence[Run], speed: dict[Path, float] | None = None) ->
             if teacher is not None and teacher.path in speed:
                 row.speedup = speed[run.path] / speed[teacher.path]
         rows.append(row)
-    return sorted(rows, key=_sort_key)  # stable: input order among equals
+    return sorted([*rows, *extra], key=_sort_key)  # stable: input order among equals
 
 
 def by_task(rows: Sequence[Row]) -> dict[str, list[Row]]:

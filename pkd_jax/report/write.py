@@ -15,9 +15,10 @@ from pkd_jax.report.tables import markdown_report, read_sweep, task_table
 
 
 def write_report(runs: Sequence[Run], rows: Sequence[Row], out: str | os.PathLike,
-                 speed_note: str | None = None) -> Path:
+                 speed_note: str | None = None, extra: Sequence[str] = ()) -> Path:
     """report.md with each task's table and plots (written next to it) in DIR `out`; a task's
-    teacher whose workdir holds advice/advice.md (python -m pkd_jax.advise) adds its per-layer table."""
+    teacher whose workdir holds advice/advice.md (python -m pkd_jax.advise) adds its per-layer table.
+    extra: sections appended at the end (the multi-task students')."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows_by_task = by_task(rows)
@@ -31,7 +32,7 @@ def write_report(runs: Sequence[Run], rows: Sequence[Row], out: str | os.PathLik
     if unfinished:
         sections.append("Unfinished (no results.json; curves only): "
                         + ", ".join(f"{r.name} (`{r.path}`)" for r in unfinished))
-    for task in sorted({r.task for r in runs}, key=task_order):
+    for task in sorted({r.task for r in runs} | set(rows_by_task), key=task_order):
         task_runs = [r for r in runs if r.task == task]
         section = [f"## {task_title(task)}"]
         if task in rows_by_task:
@@ -41,6 +42,8 @@ def write_report(runs: Sequence[Run], rows: Sequence[Row], out: str | os.PathLik
             section.append(f"![curves]({plot_curves(task_runs, out).name})")
         section += [text for t in compared if t.task == task and (text := _advice(t, out))]
         sections.append("\n\n".join(section))
+    if extra:
+        sections += ["## Multi-task students", *extra]
     return fsutil.write_text(out / "report.md", "\n\n".join(sections) + "\n")
 
 
