@@ -16,7 +16,8 @@ glue_dir, runlocal (a CPU run of a minute or two).
 The student is the first `layers` layers of the pretrained checkpoint, shared by every task, with
 one head per task (STS-B: a regression head). Every other field is configs/pkd.py's, shared by
 all tasks; `per_task.<task>` holds the teacher and what one task may change: alpha, beta,
-temperature, strategy (None: the shared value) and weight, which multiplies that task's loss.
+temperature, strategy, train_examples (None: the shared value) and weight, which multiplies that
+task's loss.
 
 Task sampling (`sampling`; n_t: the task's training examples, after train_examples):
   proportional  p_t = n_t / sum_u n_u                      (the default; MT-DNN's)
@@ -71,6 +72,7 @@ def get_config(arg=None):
         t.beta = config_dict.placeholder(float)
         t.temperature = config_dict.placeholder(float)
         t.strategy = config_dict.placeholder(str)
+        t.train_examples = config_dict.placeholder(int)  # this task's subset (e.g. SST-2 cut, the others whole)
         t.weight = 1.0
     c.sampling = "proportional"  # proportional | temperature | equal
     c.sampling_temperature = 2.0  # tau of sampling=temperature

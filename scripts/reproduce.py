@@ -53,8 +53,8 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ lives at the repo root, beside run.py
-from configs import finetune, sweep as sweep_config
-from pkd_jax import advise, checkpoints, fsutil, metrics, sweep, train
+from configs import finetune, multitask as multitask_config, sweep as sweep_config
+from pkd_jax import advise, checkpoints, fsutil, metrics, multitask, sweep, train
 from pkd_jax.data import glue
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -109,6 +109,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(the paper's grid)")
     p.add_argument("--advised-distance", default="cka")
     p.add_argument("--advised-betas", default=(1.0, 10.0), type=floats)
+    p.add_argument("--multitask-method", default=None, choices=(*PATIENT, "KD"),
+                   help="also train one multi-task student of the first depth over every task with this method "
+                        "(each task at its own chosen point and data size), against its single-task students")
+    p.add_argument("--multitask-seeds", default=(0, 1, 2), type=ints)
     p.add_argument("--train-examples", default={"*": 0}, type=_per_task(int),
                    help="a fixed random subset of each training set: N or task:N,... (0: all)")
     p.add_argument("--max-seq-length", default={"*": 128}, type=_per_task(int), help="N or task:N,...")
@@ -359,6 +363,46 @@ def run_students(summary: dict, k: int, task: str, args, out: Path, ledger: Ledg
             pass
 
 
+def run_multitask(summary: dict, args, out: Path, ledger: Ledger) -> None:
+    """The multi-task student of --multitask-method, one run per --multitask-seeds seed: every task at
+    the point its single-task students use, on the same data (an epoch visits each training set once)."""
+    k, m, tasks = args.layers[0], args.multitask_method, args.tasks
+    singles = {t: summary["students"].get(t, {}).get(str(k), {}).get(m) for t in tasks}
+    lengths = {_of(args.max_seq_length, t) for t in tasks}
+    if any(r is None for r in singles.values()) or len(lengths) > 1:
+        return  # not every task's students are there yet (or lengths differ: one shared max_seq_length)
+    teachers = "+".join(str(out / t / "teacher") for t in tasks)
+    found = {}
+    for seed in args.multitask_seeds:
+        workdir = out / "multitask" / m.lower() / f"seed{seed}"
+        done = _finished(workdir)
+        if done is None and args.report_only:
+            continue
+        if done is None:
+            arg = {"tasks": "+".join(tasks), "teachers": teachers, "layers": k, "model": args.model,
+                   **({"glue_dir": args.glue_dir} if args.glue_dir else {})}
+            c = multitask_config.get_config(",".join(f"{key}={value}" for key, value in arg.items()))
+            _apply(c, {"max_seq_length": next(iter(lengths)), "batch_size": args.batch_size,
+                       "predict_test": False, "progress": False, "num_epochs": args.student_epochs,
+                       "learning_rate": args.student_lr, "seed": seed, **method_fields(m, {}, args)})
+            for t in tasks:
+                point = singles[t]["point"]
+                _apply(c.per_task[t], {"alpha": point["alpha"], "beta": point["beta"],
+                                       "temperature": point["temperature"],
+                                       "train_examples": _of(args.train_examples, t) or None})
+            print(f"[reproduce] multi-task {m} seed {seed}: {workdir}", flush=True)
+            done = multitask.train_multitask(c, workdir)
+            ledger.trained += 1
+        found[seed] = done
+    if found:
+        any_run = next(iter(found.values()))
+        summary["multitask"] = {
+            "method": m, "layers": k, "seeds": sorted(found), "params": any_run["model"]["params"],
+            "single_params": {t: any_run["per_task"][t]["model"]["params"] for t in tasks},
+            "per_task": {t: {"score": [found[s]["per_task"][t]["metrics"]["score"] for s in sorted(found)]}
+                         for t in tasks}}
+
+
 def versions() -> str:
     return (f"Python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}, "
             f"{platform.processor() or platform.machine()}")
@@ -389,6 +433,8 @@ def main(argv=None) -> int:
             for task in _tasks(args, k):
                 if task in summary["advice"]:
                     run_students(summary, k, task, args, out, ledger)
+        if args.multitask_method:
+            run_multitask(summary, args, out, ledger)
     finally:
         ledger.close(out)
     first = args.tasks[0]

@@ -78,7 +78,7 @@ def header(summary: dict) -> list[str]:
 
 
 def data_table(summary: dict) -> list[str]:
-    lines = ["| Task | Train examples | Max length | Truncated train | Truncated dev |", "|---|---:|---:|---:|---:|"]
+    lines = ["| Task | Train examples | Max length | Truncated (whole train set) | Truncated dev |", "|---|---:|---:|---:|---:|"]
     for t in summary["tasks"]:
         d = summary["data"][t]
         (tt, tn), (dt, dn) = d["truncated"]["train"], d["truncated"]["validation"]
@@ -231,6 +231,31 @@ def points_table(summary: dict) -> list[str]:
     return lines
 
 
+def multitask_table(summary: dict) -> list[str]:
+    """The multi-task student beside the teacher and the single-task students of its method, per task
+    (over the multi-task seeds), and the parameters one shared encoder saves."""
+    mt = summary.get("multitask")
+    if not mt:
+        return []
+    m, k, seeds = mt["method"], mt["layers"], mt["seeds"]
+    lines = [f"One {k}-layer student for {', '.join(report.task_title(t) for t in mt['per_task'])} ({m}, each task at "
+             f"its single-task point and data size), seeds {', '.join(map(str, seeds))}; the single-task "
+             "students over the same seeds; the difference paired by seed.", "",
+             "| Task | Teacher | Single-task | Multi-task | Multi − single |", "|---|---:|---:|---:|---|"]
+    for t, res in mt["per_task"].items():
+        single = _result(summary, t, k, m)
+        mine = dict(zip(seeds, res["score"]))
+        theirs = {s: v for s, v in _by_seed(single).items() if s in mine} if single else {}
+        cell = (stats.format_summary(stats.summary(theirs)) if theirs else "–")
+        diff = stats.format_paired(stats.paired(mine, theirs)) if theirs.keys() == mine.keys() else "–"
+        lines.append(f"| {_title(t)} | {_pct(summary['teacher']['score'].get(t))} | {cell} | "
+                     f"{stats.format_summary(stats.summary(mine))} | {diff} |")
+    singles = sum(mt["single_params"].values())
+    lines += ["", f"Parameters: {len(mt['single_params'])} single-task students {singles / 1e6:.1f}M, the multi-task "
+              f"student {mt['params'] / 1e6:.1f}M ({100 * (1 - mt['params'] / singles):.0f} % fewer)."]
+    return lines
+
+
 def speed_lines(summary: dict) -> list[str]:
     lines = ["| Model | Layers | Parameters | Examples/s | Speed-up |", "|---|---:|---:|---:|---:|"]
     for r in summary["speed"]:
@@ -254,5 +279,6 @@ def markdown(summary: dict) -> str:
               ["", "Spread of the teacher's L2-normalised features per layer (0: the same for every input; below "
                "0.01 near-constant):", ""] + spread_table(summary),
               ["### Chosen grid points", ""] + points_table(summary),
+              ["### Multi-task PKD", ""] + (multitask_table(summary) or ["Not run yet."]),
               ["### Inference speed (batch 128, seq 128, exported models)", ""] + speed_lines(summary)]
     return "\n".join(line for part in parts for line in [*part, ""])

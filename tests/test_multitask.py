@@ -84,6 +84,7 @@ def _set(config, key: str, value) -> None:
     ("tasks=sst2+stsb,teachers=a+b", ("per_task.stsb.alpha", 2.0), r"config\.per_task\.stsb\.alpha=2\.0.*\[0, 1\]"),
     ("tasks=sst2+stsb,teachers=a+b", ("per_task.sst2.weight", 0.0), r"config\.per_task\.sst2\.weight=0\.0"),
     ("tasks=sst2+stsb,teachers=a+b", ("per_task.sst2.strategy", "top"), r"config\.per_task\.sst2\.strategy='top'"),
+    ("tasks=sst2+stsb,teachers=a+b", ("per_task.sst2.train_examples", 0), r"config\.per_task\.sst2\.train_examples=0"),
     ("tasks=sst2+stsb,teachers=a+b", ("tasks", ("sst2",)), r"config\.per_task=\['sst2', 'stsb'\]"),
 ])
 def test_config_errors_name_the_key_and_the_fix(args, change, named):
@@ -92,6 +93,17 @@ def test_config_errors_name_the_key_and_the_fix(args, change, named):
         _set(c, *change)
     with pytest.raises(ConfigError, match=named):
         tasks_.check_multitask_config(c)
+
+
+def test_a_task_config_is_the_shared_fields_with_its_own_overrides():
+    c = multitask_config.get_config("tasks=sst2+stsb,teachers=a+b,layers=3")
+    c.train_examples, c.alpha = 500, 0.5
+    _set(c, "per_task.sst2.train_examples", 10000)
+    _set(c, "per_task.stsb.alpha", 0.2)
+    sst2, stsb = tasks_.task_config(c, "sst2"), tasks_.task_config(c, "stsb")
+    assert (sst2.task, sst2.teacher, sst2.train_examples, sst2.alpha) == ("sst2", "a", 10000, 0.5)
+    assert (stsb.task, stsb.teacher, stsb.train_examples, stsb.alpha) == ("stsb", "b", 500, 0.2)
+    assert sst2.kind == "distill" and "per_task" not in sst2 and "tasks" not in sst2
 
 
 def test_teachers_must_match_the_tasks(glue_dir, teacher_runs):

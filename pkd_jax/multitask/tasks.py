@@ -1,8 +1,8 @@
 """The multi-task config (configs/multitask.py): its checks, and each task's single-run config.
 
 A task's config is the configs/pkd.py run it would be alone: the shared fields, that task's
-teacher, and its per-task overrides (`per_task.<task>`: alpha, beta, temperature, strategy; None
-keeps the shared value). `setup.prepare` builds each task's data and teacher from it, so every
+teacher, and its per-task overrides (`per_task.<task>`: alpha, beta, temperature, strategy,
+train_examples; None keeps the shared value). `setup.prepare` builds each task's data and teacher from it, so every
 check of a single run applies to each task as well.
 """
 
@@ -15,7 +15,7 @@ from pkd_jax import checks, data
 from pkd_jax.errors import ConfigError
 from pkd_jax.multitask import mixing
 
-OVERRIDES = ("alpha", "beta", "temperature", "strategy")  # per-task values of shared fields
+OVERRIDES = ("alpha", "beta", "temperature", "strategy", "train_examples")  # per-task values of shared fields
 # Multi-task fields a single run does not have.
 _MULTITASK_FIELDS = ("tasks", "per_task", "sampling", "sampling_temperature")
 
@@ -55,7 +55,7 @@ def _check_task_fields(task: str, fields) -> None:
     if not fields.teacher:
         _fail(f"{key}.teacher", fields.teacher, f"a run's workdir or an HF folder fine-tuned on {task} "
               "(the config arg teachers=DIR1+DIR2, one per task)")
-    for name in ("alpha", "beta", "temperature"):
+    for name in ("alpha", "beta", "temperature", "train_examples"):
         ok, expected = checks.RANGES[name]
         if fields[name] is not None and not ok(fields[name]):
             _fail(f"{key}.{name}", fields[name], f"{expected}, or None for the shared config.{name}")
