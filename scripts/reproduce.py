@@ -28,7 +28,7 @@ students on SST-2 only).
 
 Every run is a run.py workdir under OUT/<task>/...; a finished one is skipped and an interrupted
 one resumes, so rerunning the same command continues where it stopped, in sittings. Each
-invocation appends its wall and CPU seconds to OUT/sittings.jsonl. Writes OUT/results.md (the
+invocation appends its wall and CPU seconds to OUT/sittings.jsonl (kept current after every run). Writes OUT/results.md (the
 tables, `scripts/study_tables.py`) and OUT/results.json; --report-only writes them from the runs
 finished so far (a missing cell shows "–") and trains nothing; --doc=docs/results.md also puts the
 tables between that page's `<!-- study:begin -->` and `<!-- study:end -->` lines.
@@ -205,25 +205,25 @@ class Unfinished(Exception):
 
 
 class Ledger:
-    """Runs trained by this invocation, and its wall and CPU seconds (appended to OUT/sittings.jsonl)."""
+    """This invocation's wall and CPU seconds and the runs it trained: its line of OUT/sittings.jsonl,
+    rewritten after every finished run, so a sitting killed at any moment loses at most one run's time."""
 
-    def __init__(self):
-        self.start, self.trained = time.time(), 0
+    def __init__(self, out: Path):
+        self.path, self.start, self.trained = out / "sittings.jsonl", time.time(), 0
+        self.before = self.path.read_text().splitlines() if self.path.exists() else []
 
     @staticmethod
     def cpu_seconds() -> float:
-        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return own.ru_utime + own.ru_stime
 
-    def close(self, out: Path) -> None:
-        if not self.trained:
-            return
-        out.mkdir(parents=True, exist_ok=True)
+    def add(self, runs: int) -> None:
+        self.trained += runs
         line = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "wall_s": round(time.time() - self.start, 1), "cpu_s": round(self.cpu_seconds(), 1),
                 "runs_trained": self.trained}
-        with open(out / "sittings.jsonl", "a") as f:
-            f.write(json.dumps(line) + "\n")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fsutil.write_text(self.path, "".join(f"{x}\n" for x in [*self.before, json.dumps(line)]))
 
 
 def run_teacher(task, args, out: Path, ledger: Ledger) -> Path:
@@ -233,7 +233,7 @@ def run_teacher(task, args, out: Path, ledger: Ledger) -> Path:
             raise Unfinished(workdir)
         print(f"[reproduce] {task}: fine-tuning the teacher in {workdir}", flush=True)
         train.train_and_evaluate(teacher_config(task, args), workdir)
-        ledger.trained += 1
+        ledger.add(1)
     return workdir
 
 
@@ -256,7 +256,7 @@ def finished_sweep(config, workdir: Path, args, ledger: Ledger) -> dict:
             raise Unfinished(workdir)
         print(f"[reproduce] {config.task}: {workdir} ({len(sweep.grid(config))} students)", flush=True)
         done = sweep.train_grid(config, workdir)
-        ledger.trained += len(sweep.grid(config))
+        ledger.add(len(sweep.grid(config)))
     return done
 
 
@@ -392,7 +392,7 @@ def run_multitask(summary: dict, args, out: Path, ledger: Ledger) -> None:
                                        "train_examples": _of(args.train_examples, t) or None})
             print(f"[reproduce] multi-task {m} seed {seed}: {workdir}", flush=True)
             done = multitask.train_multitask(c, workdir)
-            ledger.trained += 1
+            ledger.add(1)
         found[seed] = done
     if found:
         any_run = next(iter(found.values()))
@@ -411,32 +411,30 @@ def versions() -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.getLogger("absl").setLevel(logging.WARNING)
-    out, ledger = Path(args.out), Ledger()
+    out = Path(args.out)
+    ledger = Ledger(out)
     summary = {"tasks": list(args.tasks), "layers": list(args.layers), "seeds": list(args.seeds),
                "teacher": {"metrics": {}, "score": {}}, "advice": {}, "data": {}, "students": {},
                "device": f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})",
                "versions": versions()}
     tokenizer = checkpoints.load_tokenizer(checkpoints.resolve(args.model))
-    try:
-        for task in args.tasks:  # every teacher first: the students of each need all of them anyway
-            summary["data"][task] = dev_facts(task, args, tokenizer)
-            try:
-                teacher_dir = run_teacher(task, args, out, ledger)
-            except Unfinished:
-                continue
-            res = _finished(teacher_dir)
-            summary["teacher"]["metrics"][task] = res["metrics"]
-            summary["teacher"]["score"][task] = res["metrics"]["score"]
-            summary["teacher"]["layers"] = res["model"]["layers"]
-            summary["advice"][task] = {str(k): teacher_advice(task, k, teacher_dir, args, out) for k in args.layers}
-        for k in _depths(args):
-            for task in _tasks(args, k):
-                if task in summary["advice"]:
-                    run_students(summary, k, task, args, out, ledger)
-        if args.multitask_method:
-            run_multitask(summary, args, out, ledger)
-    finally:
-        ledger.close(out)
+    for task in args.tasks:  # every teacher first: the students of each need all of them anyway
+        summary["data"][task] = dev_facts(task, args, tokenizer)
+        try:
+            teacher_dir = run_teacher(task, args, out, ledger)
+        except Unfinished:
+            continue
+        res = _finished(teacher_dir)
+        summary["teacher"]["metrics"][task] = res["metrics"]
+        summary["teacher"]["score"][task] = res["metrics"]["score"]
+        summary["teacher"]["layers"] = res["model"]["layers"]
+        summary["advice"][task] = {str(k): teacher_advice(task, k, teacher_dir, args, out) for k in args.layers}
+    for k in _depths(args):
+        for task in _tasks(args, k):
+            if task in summary["advice"]:
+                run_students(summary, k, task, args, out, ledger)
+    if args.multitask_method:
+        run_multitask(summary, args, out, ledger)
     first = args.tasks[0]
     models = {f"Teacher ({first})": out / first / "teacher" / "model"}
     models.update({f"Student k={k} ({first})": Path(res["model"]) for k in args.layers
