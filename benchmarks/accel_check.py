@@ -67,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default="minilm-l6",
                    help="the uncased BERT vocabulary for the loop stage: a known name or a folder")
     p.add_argument("--stages", default=",".join(STAGES), help=f"a subset of {','.join(STAGES)}")
+    p.add_argument("--tests", default=None, metavar="EXPR",
+                   help="only the correctness tests pytest -k EXPR selects (default: all of them)")
     args = p.parse_args(argv)
     args.stages = [s for s in args.stages.split(",") if s]
     if not set(args.stages) <= set(STAGES):
@@ -87,7 +89,7 @@ def _log(message: str) -> None:
 
 def run_correctness(args, env) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pytest", "-m", "accelerator", "tests/test_accelerator.py", "-q", "-rA",
-           "-p", "no:cacheprovider"]
+           "-p", "no:cacheprovider", *(["-k", args.tests] if args.tests else [])]
     _log("correctness: " + " ".join(cmd[1:]))
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
