@@ -28,10 +28,11 @@ students on SST-2 only).
 
 Every run is a run.py workdir under OUT/<task>/...; a finished one is skipped and an interrupted
 one resumes, so rerunning the same command continues where it stopped, in sittings. Each
-invocation appends its wall and CPU seconds to OUT/sittings.jsonl (kept current after every run). Writes OUT/results.md (the
-tables, `scripts/study_tables.py`) and OUT/results.json; --report-only writes them from the runs
-finished so far (a missing cell shows "–") and trains nothing; --doc=docs/results.md also puts the
-tables between that page's `<!-- study:begin -->` and `<!-- study:end -->` lines.
+invocation appends its wall and CPU seconds to OUT/sittings.jsonl (kept current after every run).
+Writes OUT/results.md (the tables, `scripts/study_tables.py`) and OUT/results.json; --report-only
+writes them from the runs finished so far (a missing cell shows "–") and trains nothing;
+--doc=docs/results.md also puts the tables between that page's `<!-- study:begin -->` and
+`<!-- study:end -->` lines.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def _depth_tasks(text: str) -> dict[int, tuple[str, ...]]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     floats = lambda s: tuple(float(x) for x in s.split(","))  # noqa: E731
     ints = lambda s: tuple(int(x) for x in s.split(","))  # noqa: E731
     names = lambda s: tuple(s.split(","))  # noqa: E731
@@ -161,7 +163,8 @@ def _arg(task, args, **extra) -> str:
 
 def teacher_config(task, args):
     c = finetune.get_config(_arg(task, args, model=args.model))
-    return _apply(c, {**common_overrides(task, args), "num_epochs": args.teacher_epochs, "learning_rate": args.teacher_lr})
+    return _apply(c, {**common_overrides(task, args), "num_epochs": args.teacher_epochs,
+                      "learning_rate": args.teacher_lr})
 
 
 def method_fields(method: str, advice: dict, args) -> dict:
@@ -323,7 +326,8 @@ def dev_facts(task: str, args, tokenizer) -> dict:
         pairs = [ds["text_a"]] + ([ds["text_b"]] if ds["text_b"][0] is not None else [])
         lengths = [len(x) for x in tokenizer(*[list(p) for p in pairs])["input_ids"]]
         cut[split] = [int(sum(length > n for length in lengths)), len(lengths)]
-    return {"baseline": baseline, "truncated": cut, "max_seq_length": n, "train_examples": _of(args.train_examples, task)}
+    return {"baseline": baseline, "truncated": cut, "max_seq_length": n,
+            "train_examples": _of(args.train_examples, task)}
 
 
 def _depths(args) -> list[int]:

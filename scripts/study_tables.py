@@ -78,7 +78,8 @@ def header(summary: dict) -> list[str]:
 
 
 def data_table(summary: dict) -> list[str]:
-    lines = ["| Task | Train examples | Max length | Truncated (whole train set) | Truncated dev |", "|---|---:|---:|---:|---:|"]
+    lines = ["| Task | Train examples | Max length | Truncated (whole train set) | Truncated dev |",
+             "|---|---:|---:|---:|---:|"]
     for t in summary["tasks"]:
         d = summary["data"][t]
         (tt, tn), (dt, dn) = d["truncated"]["train"], d["truncated"]["validation"]
@@ -119,8 +120,8 @@ def secondary_table(summary: dict) -> list[str]:
     lines = ["| Model | " + " | ".join(f"{report.task_title(t)} ({' / '.join(map(report.metric_title, names[t]))})"
                                       for t in tasks) + " |", "|---|" + "---:|" * len(tasks)]
     teacher = summary["teacher"]["metrics"]
-    lines.append("| Teacher | " + " | ".join(" / ".join(_pct(teacher[t][n]) if t in teacher else "–" for n in names[t])
-                                             for t in tasks) + " |")
+    lines.append("| Teacher | " + " | ".join(" / ".join(_pct(teacher[t][n]) if t in teacher else "–"
+                                                        for n in names[t]) for t in tasks) + " |")
     for k in summary["layers"]:
         for m in _methods(summary, k):
             cells = []
