@@ -43,7 +43,9 @@ demo: $(VENV)/.runtime
 # files in flight keep a 2-core machine busy. TEST_WORKERS=0 runs the suite in one process.
 # The slowest files are named first so that they start first (pytest collects them once).
 TEST_WORKERS ?= 2
-SLOW_TESTS := tests/test_pipeline.py tests/test_accel_check.py tests/test_reproduce.py tests/test_multiprocess.py
+SLOW_TESTS := tests/test_pipeline.py tests/test_reliability.py tests/test_reproduce.py tests/test_multiprocess.py \
+              tests/test_sweep.py tests/test_accel_check.py tests/test_objectives.py tests/test_multitask.py \
+              tests/test_partitioning.py tests/test_task_metrics_end_to_end.py
 test: $(VENV)/.test
 	$(PY) -m pytest $(SLOW_TESTS) tests $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) \
 	    $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
