@@ -20,9 +20,10 @@ from safetensors.numpy import load_file
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _args(glue_dir, workdir):
-    return [sys.executable, "run.py",
-            f"--config=configs/finetune.py:task=rte,model=minilm-l6,layers=2,glue_dir={glue_dir},runlocal",
+def _args(glue_dir, workdir, config=None):
+    """run.py on `config` (default: a fine-tuning run) with the schedule of these tests."""
+    config = config or f"configs/finetune.py:task=rte,model=minilm-l6,layers=2,glue_dir={glue_dir},runlocal"
+    return [sys.executable, "run.py", f"--config={config}",
             f"--workdir={workdir}", "--config.progress=False", "--config.predict_test=False",
             "--config.max_steps=6", "--config.checkpoint_every_steps=3", "--config.eval_every_steps=6",
             "--config.log_every_steps=1"]
@@ -34,14 +35,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(glue_dir, workdir, processes: int, devices_each: int) -> list[str]:
+def _launch(glue_dir, workdir, processes: int, devices_each: int, config=None, extra_args=()) -> list[str]:
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices_each), "JAX_PLATFORMS": "cpu"}
     extra = []
     if processes > 1:
         port = _free_port()
         extra = [f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                  f"--config.distributed.num_processes={processes}"]
-    procs = [subprocess.Popen(_args(glue_dir, workdir) + extra + ([f"--config.distributed.process_id={i}"] if extra else []),
+    procs = [subprocess.Popen(_args(glue_dir, workdir, config) + [*extra_args, *extra]
+                              + ([f"--config.distributed.process_id={i}"] if extra else []),
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(processes)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
@@ -128,3 +130,42 @@ def test_two_processes_match_one_and_resume(single, glue_dir, tmp_path):
     resumed = _train_losses(tmp_path)
     np.testing.assert_allclose([resumed[s] for s in range(1, 7)], [reference[s] for s in range(1, 7)], rtol=1e-5)
     _same_writes(tmp_path, single, outputs, resumed_from=3)
+
+
+def test_a_multi_task_student_on_two_processes_matches_one(glue_dir, sst2_teacher_dir, stsb_teacher_dir, tmp_path):
+    """configs/multitask.py (SST-2 and STS-B, each task's teacher outputs cached) on 2 processes x 4
+    devices: the same tasks, losses and dev metrics as this process's 8 devices, and process 0 alone
+    writes the log and exports every task."""
+    from configs import multitask as multitask_config
+    from pkd_jax import multitask
+
+    arg = (f"tasks=sst2+stsb,teachers={sst2_teacher_dir}+{stsb_teacher_dir},model=minilm-l6,layers=2,"
+           f"glue_dir={glue_dir},runlocal")
+    fields = {"progress": False, "predict_test": False, "max_steps": 6, "checkpoint_every_steps": 3,
+              "eval_every_steps": 6, "log_every_steps": 1, "train_examples": 64, "eval_examples": 32,
+              "max_seq_length": 32, "batch_size": 8, "seed": 1,  # seed 1: both tasks within 6 steps
+              "bucket": False}  # one batch shape per task: fewer programs to compile
+    one, two = tmp_path / "one", tmp_path / "two"
+    config = multitask_config.get_config(arg)
+    for key, value in fields.items():
+        config[key] = value
+    multitask.train_multitask(config, one)
+    outputs = _launch(glue_dir, two, processes=2, devices_each=4, config=f"configs/multitask.py:{arg}",
+                      extra_args=[f"--config.{k}={v}" for k, v in fields.items()])
+    lines = {w: [json.loads(l) for l in (w / "metrics.jsonl").read_text().splitlines()] for w in (one, two)}
+    train = {w: [(l["step"], l["task"], l["loss"]) for l in ls if l["split"] == "train" and "task" in l]
+             for w, ls in lines.items()}
+    assert [x[:2] for x in train[two]] == [x[:2] for x in train[one]] and len(train[one]) == 6
+    assert {x[1] for x in train[one]} == {"sst2", "stsb"}
+    np.testing.assert_allclose([x[2] for x in train[two]], [x[2] for x in train[one]], rtol=1e-5)
+    results = {w: json.loads((w / "results.json").read_text()) for w in (one, two)}
+    for task in ("sst2", "stsb"):
+        assert results[two]["per_task"][task]["metrics"] == pytest.approx(results[one]["per_task"][task]["metrics"],
+                                                                         abs=1e-5)
+        a, b = load_file(two / "model" / task / "model.safetensors"), load_file(one / "model" / task / "model.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=0, atol=EXPORT_ATOL, err_msg=f"{task}: {k}")
+    assert "mean score" in outputs[0] and "mean score" not in outputs[1]  # one process reports
+    text = (two / "metrics.jsonl").read_text().splitlines()
+    assert len(set(text)) == len(text) == len(lines[one])  # one writer: no line twice, none missing

@@ -353,6 +353,8 @@ def test_preempted_then_resumed_by_run_py_ends_like_the_uninterrupted_run(refere
                           env={**os.environ, "JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("multitask sst2+stsb in ") and "best dev mean of main metrics = " in proc.stdout
+    reused = {line.split("teacher outputs reused: ")[1] for line in proc.stderr.splitlines() if "outputs reused: " in line}
+    assert len(reused) == 2 and "teacher outputs computed" not in proc.stderr  # each task's cache, from the interrupted run
     results = json.loads((tmp_path / "results.json").read_text())
     ref_dir, ref = reference["workdir"], reference["results"]
     assert results["best"] == ref["best"] and results["last"] == ref["last"]
