@@ -162,7 +162,7 @@ def test_a_multi_task_student_on_two_processes_matches_one(glue_dir, sst2_teache
     for task in ("sst2", "stsb"):
         assert results[two]["per_task"][task]["metrics"] == pytest.approx(results[one]["per_task"][task]["metrics"],
                                                                          abs=1e-5)
-        a, b = load_file(two / "model" / task / "model.safetensors"), load_file(one / "model" / task / "model.safetensors")
+        a, b = (load_file(w / "model" / task / "model.safetensors") for w in (two, one))
         assert a.keys() == b.keys()
         for k in a:
             np.testing.assert_allclose(a[k], b[k], rtol=0, atol=EXPORT_ATOL, err_msg=f"{task}: {k}")
