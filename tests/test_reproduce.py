@@ -38,7 +38,7 @@ def test_reproduce_small(tmp_path, tokenizer):
            "--tasks=rte", "--layers=3,2", "--tune-layers=3", "--methods=KD,Advised", "--seeds=0,1",
            "--train-examples=48", "--max-seq-length=32", "--teacher-epochs=1", "--student-epochs=1",
            "--temperatures=5", "--alphas=0.5,0.9", "--advised-betas=2", "--students-per-chunk=1",
-           "--speed-repeats=1", "--multitask-method=KD", "--multitask-seeds=0,1"]
+           "--speed-repeats=1", "--multitask-method=KD", "--multitask-seeds=1"]
     first = _run(cmd, tmp_path)
     # KD's students ignore the teacher's near-constant [CLS] features (beta = 0): no warning about them.
     assert "hardly vary" not in first.stderr
@@ -90,18 +90,19 @@ def test_reproduce_small(tmp_path, tokenizer):
     assert f"| {cut} of {len(dev)} (" in text
     assert [r["layers"] for r in summary["speed"]] == [6, 3, 2]
 
-    # The multi-task student (here of one task: the orchestration, not the mixing, is under test)
-    # trains KD's chosen point per task, one run per seed, and is compared seed by seed.
+    # The multi-task student (here of one task and one seed: the orchestration, not the mixing, is
+    # under test) trains KD's chosen point per task and is compared with the same seed's student.
     config = json.loads((out / "multitask/kd/seed1/config.json").read_text())
-    assert (config["seed"], config["per_task"]["rte"]["alpha"], config["per_task"]["rte"]["beta"]) == (1, kd_best["alpha"], 0.0)
-    mt = [json.loads((out / f"multitask/kd/seed{s}/results.json").read_text()) for s in (0, 1)]
-    mean, low, high = _ci([r["per_task"]["rte"]["metrics"]["score"] for r in mt])
+    rte = config["per_task"]["rte"]
+    assert (config["seed"], rte["alpha"], rte["beta"]) == (1, kd_best["alpha"], 0.0)
+    mt = json.loads((out / "multitask/kd/seed1/results.json").read_text())["per_task"]["rte"]["metrics"]["score"]
     row = next(line for line in text.splitlines() if line.startswith("| RTE (Accuracy) | "))
-    assert f"{100 * mean:.1f} ± " in row and row.count("[") == 3
+    single = dict(zip(k3["KD"]["seeds"], k3["KD"]["score"]))[1]  # the single-task KD student of seed 1
+    assert f"| {100 * single:.1f} ± – [–, –] | {100 * mt:.1f} ± – [–, –] | {100 * (mt - single):+.1f} [–, –]" in row
 
-    # One sitting, counting every run it trained: the teacher, 5 + 4 students and 2 multi-task ones.
+    # One sitting, counting every run it trained: the teacher, 5 + 4 students and the multi-task one.
     sittings = [json.loads(line) for line in (out / "sittings.jsonl").read_text().splitlines()]
-    assert [s["runs_trained"] for s in sittings] == [12] and sittings[0]["cpu_s"] > 0
+    assert [s["runs_trained"] for s in sittings] == [11] and sittings[0]["cpu_s"] > 0
 
     # Everything is finished: a rerun trains nothing, adds no sitting and gives the same students.
     again = _run(cmd, tmp_path)
