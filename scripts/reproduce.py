@@ -305,9 +305,11 @@ def run_method(task, k, method, fields: dict, teacher_dir: Path, args, out: Path
     if rest:
         finished_sweep(student_config(task, k, fields, teacher_dir, args, point, rest), base / "seeds", args, ledger)
         rows += _rows(base / "seeds")
+    failed = [int(r["seed"]) for r in rows if r["status"] != "ok"]  # diverged (NaN): no score to report
+    names, rows = _metric_names(rows), [r for r in rows if r["status"] == "ok"]
     return {"workdir": str(base), "model": str(model), "point": best, "grid_size": grid_size, "source": source,
-            "fields": fields, "seeds": [int(r["seed"]) for r in rows],
-            "metrics": {name: [r[name] for r in rows] for name in _metric_names(rows)},
+            "fields": fields, "seeds": [int(r["seed"]) for r in rows], "failed_seeds": failed,
+            "metrics": {name: [r[name] for r in rows] for name in names},
             "score": [r["score"] for r in rows]}
 
 

@@ -54,7 +54,21 @@ def _pct(x: float) -> str:
     return "–" if x is None or math.isnan(x) else f"{100 * x:.1f}"
 
 
+def _cell(result: dict) -> str:
+    """mean ± std [CI] over the seeds that finished; diverged seeds are named, not averaged."""
+    failed = result.get("failed_seeds", [])
+    text = stats.format_summary(stats.summary(_by_seed(result))) if result["score"] else "–"
+    return text + (f" (seed{'s' * (len(failed) > 1)} {', '.join(map(str, failed))} diverged)" if failed else "")
+
+
+def _mean(result: dict) -> float:
+    """The mean score over the finished seeds; -inf when every seed diverged (ranks last)."""
+    return statistics.fmean(result["score"]) if result["score"] else -math.inf
+
+
 def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
     s = stats.summary(values)
     return f"{100 * s.mean:.1f}" + ("" if math.isnan(s.std) else f" ± {100 * s.std:.1f}")
 
@@ -102,8 +116,8 @@ def main_table(summary: dict) -> list[str]:
             cells, kept = [], []
             for t in tasks:
                 res = _result(summary, t, k, m)
-                cells.append("–" if res is None else stats.format_summary(stats.summary(_by_seed(res))))
-                if res is not None and t in teacher["score"]:
+                cells.append("–" if res is None else _cell(res))
+                if res is not None and res["score"] and t in teacher["score"]:
                     kept.append(statistics.fmean(res["score"]) / teacher["score"][t])
             avg = "–" if not kept else f"{100 * statistics.fmean(kept):.1f}" + (
                 f" ({len(kept)} of {len(tasks)} tasks)" if len(kept) < len(tasks) else "")
@@ -143,10 +157,11 @@ def paired_table(summary: dict, k: int) -> list[str]:
         cells = []
         for t in tasks:
             ra, rb = _result(summary, t, k, a), _result(summary, t, k, b)
-            if ra is None or rb is None or set(ra["seeds"]) != set(rb["seeds"]):
+            common = sorted(set(ra["seeds"]) & set(rb["seeds"])) if ra and rb else []
+            if not common:
                 cells.append("–")
                 continue
-            p = stats.paired(_by_seed(ra), _by_seed(rb))
+            p = stats.paired({s: _by_seed(ra)[s] for s in common}, {s: _by_seed(rb)[s] for s in common})
             compared[t] += 1
             decided[t] += p.verdict != stats.NOT_SHOWN
             cells.append(stats.format_paired(p))
@@ -166,7 +181,7 @@ def kept_table(summary: dict) -> list[str]:
             found = summary["students"].get(t, {}).get(str(k), {})
             if not found or teacher is None:
                 continue
-            m = max(found, key=lambda name: statistics.fmean(found[name]["score"]))
+            m = max(found, key=lambda name: _mean(found[name]))
             s = stats.summary(_by_seed(found[m]))
             share = "– (teacher's score ≤ 0)"
             if teacher > 0:
@@ -187,7 +202,7 @@ def advice_table(summary: dict) -> list[str]:
             if advice is None or not found:
                 continue
             rec = advice["recommendation"]
-            ranked = sorted(found, key=lambda name: -statistics.fmean(found[name]["score"]))
+            ranked = sorted(found, key=lambda name: -_mean(found[name]))
             rank = f"{ranked.index('Advised') + 1} of {len(ranked)}" if "Advised" in ranked else "–"
             lines.append(f"| {report.task_title(t)} | {k} | `{rec['flags']}` | {rec['reason']} | {rank} | "
                          f"{ranked[0]} |")

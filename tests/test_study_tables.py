@@ -1,0 +1,37 @@
+"""scripts/study_tables.py on a hand-made summary: a diverged seed is named and left out, and a claim is
+compared on the seeds both methods finished (against scipy's paired t-test)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import stats as sps
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import study_tables  # noqa: E402
+
+
+def _student(seeds, scores, failed=()):
+    return {"seeds": list(seeds), "score": list(scores), "failed_seeds": list(failed),
+            "metrics": {"accuracy": list(scores)}}
+
+
+def test_a_diverged_seed_is_named_and_claims_use_the_seeds_both_finished():
+    kd = [0.80, 0.82, 0.79, 0.81]
+    pkd = [0.83, 0.84, 0.80, 0.85]  # seed 2 diverged: seeds 0, 1, 3, 4
+    summary = {"tasks": ["sst2"], "layers": [3], "teacher": {"score": {"sst2": 0.9}, "layers": 6},
+               "data": {"sst2": {"baseline": {"accuracy": 0.509}}},
+               "students": {"sst2": {"3": {"KD": _student((0, 1, 2, 3), kd),
+                                           "PKD-Skip": _student((0, 1, 3, 4), pkd, failed=(2,))}}}}
+    table = "\n".join(study_tables.main_table(summary))
+    mean, sd = np.mean(pkd), np.std(pkd, ddof=1)
+    half = sps.t.ppf(0.975, 3) * sd / 2
+    assert (f"| PKD-Skip-3 | {100 * mean:.1f} ± {100 * sd:.1f} [{100 * (mean - half):.1f}, "
+            f"{100 * (mean + half):.1f}] (seed 2 diverged) |") in table
+
+    row = next(line for line in study_tables.paired_table(summary, 3) if line.startswith("| PKD above KD"))
+    a, b = [0.83, 0.84, 0.80], [0.80, 0.82, 0.81]  # seeds 0, 1, 3: finished by both
+    p = sps.ttest_rel(a, b).pvalue
+    assert f"{100 * np.mean(np.subtract(a, b)):+.1f} [" in row and f"p={p:.2g}" in row
+    kept = "\n".join(study_tables.kept_table(summary))
+    assert f"| SST-2 | 3 | PKD-Skip | {100 * mean:.1f} | {100 * mean / 0.9:.1f} [" in kept
