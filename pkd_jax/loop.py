@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import signal
 import threading
@@ -30,6 +31,8 @@ from typing import Any, Iterator, Protocol
 import jax
 
 from pkd_jax import data, fsutil
+
+log = logging.getLogger(__name__)
 
 Metrics = dict[str, jax.Array]
 
@@ -140,6 +143,18 @@ def train(trainee: Trainee, state, *, start: int, schedule: Schedule, batches: I
     finally:
         stop.restore()
         log.close()
+    return state
+
+
+def resume(ckpt, state, meta: dict):
+    """The workdir's newest restorable checkpoint of `state` (its saved record merged into `meta`),
+    or `state` itself when there is none: where a single or multi-task run starts."""
+    restored = ckpt.restore_latest(state)
+    if restored is None:
+        return state
+    _, state, saved = restored
+    meta.update(saved)
+    log.info("resumed from step %d", int(state.step))
     return state
 
 

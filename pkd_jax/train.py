@@ -110,11 +110,7 @@ def train_and_evaluate(config, workdir, *, restart: bool = False) -> dict:
     ckpt = checkpoints.TrainCheckpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
     try:
         meta = {"best": None, "last": None, "train_seconds": 0.0}  # saved with every checkpoint
-        restored = ckpt.restore_latest(state)
-        if restored is not None:
-            _, state, saved = restored
-            meta.update(saved)
-            log.info("resumed from step %d", int(state.step))
+        state = loop.resume(ckpt, state, meta)
         start = int(state.step)
         run_log = loop.MetricsLog(workdir, start=start, total=s.total_steps, enabled=lead,
                                   progress=config.progress, desc=workdir.name)

@@ -88,11 +88,7 @@ class MultiTaskRun:
         ckpt = checkpoints.TrainCheckpointer(self.workdir / "checkpoints", keep=c.keep_checkpoints)
         try:
             meta = {"best": None, "last": None, "train_seconds": 0.0}
-            restored = ckpt.restore_latest(state)
-            if restored is not None:
-                _, state, saved = restored
-                meta.update(saved)
-                log.info("resumed from step %d", int(state.step))
+            state = loop.resume(ckpt, state, meta)
             start = int(state.step)
             run_log = loop.MetricsLog(self.workdir, start=start, total=s.total_steps, enabled=self.lead,
                                       progress=c.progress, desc=self.workdir.name)
