@@ -267,6 +267,11 @@ class BertModel(nnx.Module):
         self.pooler = BertPooler(f)
 
 
+def classifier_head(config: BertConfig, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    """The task head on the pooled vector, in float32 (its keys: the stream's next two)."""
+    return _Factory(config, dtype, param_dtype, rngs).linear(config.hidden_size, config.num_labels, dtype=jnp.float32)
+
+
 class BertForSequenceClassification(nnx.Module):
     """BERT encoder + pooler + a linear head (num_labels=1: regression)."""
 
@@ -284,7 +289,7 @@ class BertForSequenceClassification(nnx.Module):
         self.bert = BertModel(f)
         rate = config.classifier_dropout
         self.dropout_rate = config.hidden_dropout_prob if rate is None else rate
-        self.classifier = f.linear(config.hidden_size, config.num_labels, dtype=jnp.float32)
+        self.classifier = classifier_head(config, dtype, param_dtype, rngs)
 
     def __call__(
         self,

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from pkd_jax import fsutil
-from pkd_jax.bert import BertConfig, BertForSequenceClassification
+from pkd_jax.bert import BertConfig, BertForSequenceClassification, classifier_head
 from pkd_jax.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -252,9 +252,10 @@ def load_pretrained(
     """
     folder = resolve(path_or_name)
     config = load_config(folder, num_labels=num_labels, num_layers=num_layers, **config_overrides)
-    model = BertForSequenceClassification(
-        config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed)
-    )
+    # Shapes only: drawing ~N(0, 0.02) for every weight that the checkpoint then overwrites costs
+    # a second per model on a CPU and a second copy of the weights in device memory.
+    model = nnx.eval_shape(lambda: BertForSequenceClassification(
+        config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed)))
     tensors = _normalise_keys(read_weights(folder))
     params = nnx.state(model, nnx.Param)
     expected = {hf_name(p): (p, v) for p, v in nnx.to_flat_state(params)}
@@ -269,19 +270,29 @@ def load_pretrained(
 
     for name, (path, var) in expected.items():
         if name not in tensors:
-            continue  # the fresh classifier keeps its initialisation
+            continue  # the fresh classifier, drawn below
         value = tensors[name]
         value = value.T if path[-1] == "kernel" else value
-        if value.shape != var[...].shape:
+        if value.shape != var.shape:
             raise CheckpointError(
                 f"{folder}: {name} has shape {tensors[name].shape}; the model expects "
-                f"{_to_hf_array(path, var[...]).shape}"
+                f"{tuple(reversed(var.shape)) if path[-1] == 'kernel' else var.shape}"
                 + (" (pass num_labels to match the checkpoint's head)" if "classifier" in name else "")
             )
-        var[...] = jnp.asarray(value, dtype=param_dtype)
+        var.set_value(jnp.asarray(value, dtype=param_dtype))
     nnx.update(model, params)
+    if missing:
+        model.classifier = _fresh_classifier(model, dtype, param_dtype, seed)
     model.name_or_path = str(folder)
     return model
+
+
+def _fresh_classifier(model: BertForSequenceClassification, dtype, param_dtype, seed: int):
+    """The head that `BertForSequenceClassification(config, rngs=nnx.Rngs(seed))` draws: every
+    parameter before it takes one key of the stream, so its keys are the stream's next ones."""
+    rngs = nnx.Rngs(seed)
+    rngs.default.count.set_value(jnp.uint32(len(nnx.to_flat_state(nnx.state(model.bert, nnx.Param)))))
+    return classifier_head(model.config, dtype, param_dtype, rngs)
 
 
 def load_tokenizer(path_or_name):

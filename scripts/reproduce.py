@@ -127,7 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--students-per-chunk", default=0, type=int,
                    help="students vmapped together (0: the sweep's automatic size: as many as fit on an "
                         "accelerator, 1 on CPU, where vmap does not pay)")
-    p.add_argument("--speed-repeats", default=5, type=int)
+    p.add_argument("--speed-repeats", default=5, type=int,
+                   help="timed forward passes per model for the speed table (measured once: OUT/speed.json)")
     p.add_argument("--report-only", action="store_true", help="tables from the finished runs only; train nothing")
     p.add_argument("--doc", default=None, help="also write the tables into this page between its study markers")
     args = p.parse_args(argv)
@@ -445,8 +446,8 @@ def main(argv=None) -> int:
     models = {f"Teacher ({first})": out / first / "teacher" / "model"}
     models.update({f"Student k={k} ({first})": Path(res["model"]) for k in args.layers
                    if (res := summary["students"].get(first, {}).get(str(k), {}).get(args.methods[0])) is not None})
-    summary["speed"] = study_tables.speed_table({label: str(path) for label, path in models.items() if path.exists()},
-                                                args.speed_repeats)
+    summary["speed"] = measured_speed(out, {label: str(path) for label, path in models.items() if path.exists()},
+                                      args.speed_repeats, summary["device"])
     sittings = out / "sittings.jsonl"
     summary["sittings"] = [json.loads(line) for line in sittings.read_text().splitlines()] if sittings.exists() else []
     summary["date"] = datetime.date.today().isoformat()
@@ -460,6 +461,20 @@ def main(argv=None) -> int:
         write_into(Path(args.doc), text)
     print(text, flush=True)
     return 0
+
+
+def measured_speed(out: Path, models: dict[str, str], repeats: int, device: str) -> list[dict]:
+    """The speed table, measured once per set of models (OUT/speed.json): a rerun or --report-only
+    reuses it unless a model was saved again, the repeats changed or the device differs."""
+    key = {"models": {label: [path, (Path(path) / "model.safetensors").stat().st_mtime_ns]
+                      for label, path in models.items()}, "repeats": repeats, "device": device}
+    cached = out / "speed.json"
+    if cached.exists() and (old := json.loads(cached.read_text()))["key"] == key:
+        return old["rows"]
+    rows = study_tables.speed_table(models, repeats)
+    out.mkdir(parents=True, exist_ok=True)
+    fsutil.write_text(cached, json.dumps({"key": key, "rows": rows}, indent=1) + "\n")
+    return rows
 
 
 def write_into(page: Path, text: str) -> None:

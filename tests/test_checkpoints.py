@@ -4,6 +4,7 @@ import json
 import shutil
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -103,6 +104,23 @@ def test_fresh_classifier_depends_on_seed(minilm_dir):
     b = checkpoints.load_pretrained(minilm_dir, num_layers=1, seed=1)
     assert not np.array_equal(a.classifier.kernel[...], b.classifier.kernel[...])
     np.testing.assert_array_equal(a.bert.pooler.dense.kernel[...], b.bert.pooler.dense.kernel[...])
+
+
+@pytest.mark.parametrize("num_labels,num_layers,seed", [(2, 3, 0), (1, 2, 4), (3, 6, 1)])
+def test_fresh_classifier_is_the_one_a_random_model_of_that_seed_draws(minilm_dir, num_labels, num_layers, seed):
+    """load_pretrained builds shapes only and draws just the head: the same values, bit for bit, as
+    the head of a model built with nnx.Rngs(seed), so seeds mean what they meant (paired studies)."""
+    from flax import nnx
+
+    from pkd_jax.bert import BertForSequenceClassification
+
+    config = checkpoints.load_config(minilm_dir, num_labels=num_labels, num_layers=num_layers)
+    drawn = BertForSequenceClassification(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(seed)).classifier
+    loaded = checkpoints.load_pretrained(minilm_dir, num_labels, num_layers, dtype=jnp.bfloat16, seed=seed)
+    np.testing.assert_array_equal(loaded.classifier.kernel[...], drawn.kernel[...])
+    np.testing.assert_array_equal(loaded.classifier.bias[...], drawn.bias[...])
+    assert loaded.classifier.kernel[...].dtype == jnp.float32 and loaded.classifier.dtype == jnp.float32
+    assert all(isinstance(v[...], jax.Array) for _, v in nnx.to_flat_state(nnx.state(loaded)))  # no shapes left
 
 
 def _rewrite(folder, edit):

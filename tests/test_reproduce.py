@@ -108,7 +108,9 @@ def test_reproduce_small(tmp_path, tokenizer):
     again = _run(cmd, tmp_path)
     assert "[reproduce]" not in again.stdout
     assert len((out / "sittings.jsonl").read_text().splitlines()) == 1
-    assert json.loads((out / "results.json").read_text())["students"] == summary["students"]
+    rerun = json.loads((out / "results.json").read_text())
+    assert rerun["students"] == summary["students"]
+    assert rerun["speed"] == summary["speed"]  # measured once (OUT/speed.json), not timed again
 
     # --report-only trains nothing: a task not run yet shows "–"; --doc rewrites only the marked part.
     page = tmp_path / "results.md"
