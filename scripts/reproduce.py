@@ -29,6 +29,10 @@ students on SST-2 only).
 Every run is a run.py workdir under OUT/<task>/...; a finished one is skipped and an interrupted
 one resumes, so rerunning the same command continues where it stopped, in sittings. Each
 invocation appends its wall and CPU seconds to OUT/sittings.jsonl (kept current after every run).
+A run of a small model uses about one core of a CPU: a second invocation on disjoint work, e.g.
+the same command with --methods=FT,KD (the other tasks' FT and KD students, which need no
+searched point) beside the full one, uses the second core. Never start two invocations that may
+reach the same run at the same time: a workdir has one writer.
 Writes OUT/results.md (the tables, `scripts/study_tables.py`) and OUT/results.json; --report-only
 writes them from the runs finished so far (a missing cell shows "–") and trains nothing;
 --doc=docs/results.md also puts the tables between that page's `<!-- study:begin -->` and
@@ -40,8 +44,10 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import fcntl
 import json
 import logging
+import os
 import platform
 import resource
 import shlex
@@ -209,12 +215,14 @@ class Unfinished(Exception):
 
 
 class Ledger:
-    """This invocation's wall and CPU seconds and the runs it trained: its line of OUT/sittings.jsonl,
-    rewritten after every finished run, so a sitting killed at any moment loses at most one run's time."""
+    """This invocation's line of OUT/sittings.jsonl (its wall and CPU seconds and the runs it trained),
+    rewritten after every finished run, so a sitting killed at any moment loses at most one run's
+    time. Invocations may run side by side on disjoint work: each replaces only its own line, under
+    a lock."""
 
     def __init__(self, out: Path):
         self.path, self.start, self.trained = out / "sittings.jsonl", time.time(), 0
-        self.before = self.path.read_text().splitlines() if self.path.exists() else []
+        self.id = f"{_now()} pid {os.getpid()}"
 
     @staticmethod
     def cpu_seconds() -> float:
@@ -223,11 +231,18 @@ class Ledger:
 
     def add(self, runs: int) -> None:
         self.trained += runs
-        line = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "wall_s": round(time.time() - self.start, 1), "cpu_s": round(self.cpu_seconds(), 1),
-                "runs_trained": self.trained}
+        line = {"date": _now(), "wall_s": round(time.time() - self.start, 1), "cpu_s": round(self.cpu_seconds(), 1),
+                "runs_trained": self.trained, "sitting": self.id}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fsutil.write_text(self.path, "".join(f"{x}\n" for x in [*self.before, json.dumps(line)]))
+        with open(self.path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
+            lines = self.path.read_text().splitlines() if self.path.exists() else []
+            lines = [x for x in lines if json.loads(x).get("sitting") != self.id]
+            fsutil.write_text(self.path, "".join(f"{x}\n" for x in [*lines, json.dumps(line)]))
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def run_teacher(task, args, out: Path, ledger: Ledger) -> Path:

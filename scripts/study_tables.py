@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 import statistics
 
@@ -79,9 +80,21 @@ def _methods(summary: dict, k: int) -> list[str]:
     return [m for m in order if m in seen]
 
 
+def busy_seconds(sittings: list[dict]) -> float:
+    """Wall time during which some sitting ran: the union of their [end - wall_s, end] intervals
+    (sittings may run side by side)."""
+    ends = [datetime.datetime.fromisoformat(s["date"]).timestamp() for s in sittings]
+    spans = sorted((end - s["wall_s"], end) for s, end in zip(sittings, ends))
+    total, reach = 0.0, -math.inf
+    for start, end in spans:
+        total += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return total
+
+
 def header(summary: dict) -> list[str]:
     sittings = summary["sittings"]
-    wall = sum(s["wall_s"] for s in sittings) / 3600
+    wall = busy_seconds(sittings) / 3600
     cpu = sum(s["cpu_s"] for s in sittings) / 3600
     return [f"Command: `{summary['command']}`", "",
             f"Device: {summary['device']}; {summary['versions']}. Tables generated {summary['date']}. "

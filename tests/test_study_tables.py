@@ -1,6 +1,7 @@
 """scripts/study_tables.py on a hand-made summary: a diverged seed is named and left out, and a claim is
-compared on the seeds both methods finished (against scipy's paired t-test)."""
+compared on the seeds both methods finished (against scipy's paired t-test); the sittings' ledger."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -35,3 +36,25 @@ def test_a_diverged_seed_is_named_and_claims_use_the_seeds_both_finished():
     assert f"{100 * np.mean(np.subtract(a, b)):+.1f} [" in row and f"p={p:.2g}" in row
     kept = "\n".join(study_tables.kept_table(summary))
     assert f"| SST-2 | 3 | PKD-Skip | {100 * mean:.1f} | {100 * mean / 0.9:.1f} [" in kept
+
+
+def test_sittings_side_by_side_keep_their_own_lines_and_count_wall_time_once(tmp_path):
+    """Two invocations on one OUT (disjoint work) each rewrite only their own ledger line; the wall
+    time is the union of the sittings' spans, the CPU time their sum."""
+    import reproduce
+
+    earlier = {"date": "2026-11-30T08:00:00+00:00", "wall_s": 3600.0, "cpu_s": 3000.0, "runs_trained": 2}
+    (tmp_path / "sittings.jsonl").write_text(json.dumps(earlier) + "\n")  # a line from before "sitting" ids
+    a = reproduce.Ledger(tmp_path)
+    a.id = "a"
+    b = reproduce.Ledger(tmp_path)
+    b.id = "b"
+    a.add(1), b.add(1), a.add(1), b.add(2)
+    lines = [json.loads(x) for x in (tmp_path / "sittings.jsonl").read_text().splitlines()]
+    assert lines[0] == earlier
+    assert sorted((x["sitting"], x["runs_trained"]) for x in lines[1:]) == [("a", 2), ("b", 3)]
+
+    sittings = [{"date": "2026-11-30T10:00:00+00:00", "wall_s": 3600.0},  # 09:00-10:00
+                {"date": "2026-11-30T10:30:00+00:00", "wall_s": 3600.0},  # 09:30-10:30, beside it
+                {"date": "2026-11-30T12:00:00+00:00", "wall_s": 600.0}]   # 11:50-12:00
+    assert study_tables.busy_seconds(sittings) == 5400 + 600
