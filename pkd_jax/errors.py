@@ -20,3 +20,7 @@ class DataError(PkdError):
 
 class CheckpointError(PkdError):
     """A model folder, checkpoint or teacher run that is missing, unreadable or does not fit the run."""
+
+
+class WorkdirInUse(PkdError):
+    """Another process is training in the workdir (two writers would interleave its checkpoints)."""

@@ -9,6 +9,9 @@ when the writer dies, even by SIGKILL, so the next ``staged_dir`` of the same ta
 temporaries nobody holds (a killed build's, possibly gigabytes) and leaves live writers' alone.
 Only temporaries made on the same host are swept: a shared filesystem's locks may be local to
 each host (Lustre ``localflock``, NFS ``local_lock``), and another host's writer may be alive.
+
+A run's workdir is locked the same way by the process that writes it (``hold_workdir``), so a
+second run started on it by mistake is refused instead of interleaving its checkpoints.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from pkd_jax.errors import WorkdirInUse
 
 # rename(folder, target) fails with these when `target` exists (a non-empty folder or a file).
 _EXISTS = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR)
@@ -65,6 +70,34 @@ def _lock(folder: Path) -> int | None:
             raise
         return None
     return fd
+
+
+_HELD: dict[str, int] = {}  # workdirs this process trains in -> the descriptors holding their locks
+
+
+def hold_workdir(workdir: str | os.PathLike) -> None:
+    """Lock `workdir` for this process until `release_workdir` (or its end: the kernel drops the lock
+    of a killed process, so a crash never leaves a workdir locked). A second run started on the
+    same workdir, which would interleave its checkpoints and logs with the first's, is refused.
+    A filesystem without locks lets every run through."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(workdir)
+    if key in _HELD:
+        return
+    try:
+        fd = _lock(workdir)
+    except BlockingIOError:
+        raise WorkdirInUse(f"{workdir}: another process is training in this workdir (it holds the folder's "
+                           "lock). Wait for it to finish or stop it, or give this run its own --workdir") from None
+    if fd is not None:
+        _HELD[key] = fd
+
+
+def release_workdir(workdir: str | os.PathLike) -> None:
+    fd = _HELD.pop(os.path.realpath(workdir), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def _temporary(target: Path, kind: str) -> tuple[Path, int | None]:

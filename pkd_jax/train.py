@@ -95,6 +95,15 @@ def train_and_evaluate(config, workdir, *, restart: bool = False) -> dict:
         checks.check_workdir(config, workdir)
     s = setup.prepare(config)
     lead = jax.process_index() == 0
+    if lead:
+        fsutil.hold_workdir(workdir)  # one writer per workdir
+    try:
+        return _train(config, workdir, s, lead, restart, clock)
+    finally:
+        fsutil.release_workdir(workdir)
+
+
+def _train(config, workdir: Path, s: setup.Setup, lead: bool, restart: bool, clock: dict) -> dict:
     if restart:
         setup.start_over(workdir, lead)
     if lead:

@@ -23,7 +23,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from configs import finetune, pkd
-from pkd_jax import bert, checkpoints, data, setup, steps, train
+from pkd_jax import bert, checkpoints, data, fsutil, setup, steps, train
 from pkd_jax.checkpoints import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,6 +93,28 @@ def test_malformed_tsv_row_stops_the_run_naming_file_and_line(glue_dir, tmp_path
     proc = _cli(f"--config=configs/finetune.py:{ARGS.format(glue=bad)}", f"--workdir={tmp_path / 'w'}")
     assert proc.returncode != 0
     assert f"{bad / 'RTE' / 'train.tsv'}:7: expected 4 tab-separated columns, found 3" in proc.stderr
+
+
+def test_a_second_run_on_a_workdir_in_use_is_refused_until_its_writer_ends(glue_dir, tmp_path):
+    """Two runs writing one workdir would interleave checkpoints and logs: while another process
+    holds it, run.py stops at once (exit 2, one line naming the workdir) and writes nothing there;
+    the holder's death, even by SIGKILL, frees it."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pkd_jax import fsutil; "
+                               "fsutil.hold_workdir(sys.argv[1]); print('held', flush=True); time.sleep(600)",
+                               str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = subprocess.run(_cmd(glue_dir, tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"error: {tmp_path}: another process is training in this workdir" in proc.stderr
+        assert list(tmp_path.iterdir()) == []
+        with pytest.raises(fsutil.WorkdirInUse):
+            fsutil.hold_workdir(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    fsutil.hold_workdir(tmp_path)  # the kernel dropped the killed holder's lock
+    fsutil.release_workdir(tmp_path)
 
 
 def test_over_long_inputs_are_truncated_and_counted(reference, glue_dir, tokenizer):

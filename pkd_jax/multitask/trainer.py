@@ -61,6 +61,8 @@ class MultiTaskRun:
         log.info("task sampling (%s): %s", config.sampling,
                  ", ".join(f"{t} {p:.3f}" for t, p in zip(self.tasks, self.probs)))
         self.lead = jax.process_index() == 0
+        if self.lead:
+            fsutil.hold_workdir(self.workdir)  # one writer per workdir, until train() ends
         if restart:
             setup.start_over(self.workdir, self.lead)
         if self.lead:
@@ -82,6 +84,12 @@ class MultiTaskRun:
 
     def train(self) -> dict:
         """Train (resuming the workdir's run), export the best student, write results.json."""
+        try:
+            return self._train()
+        finally:
+            fsutil.release_workdir(self.workdir)
+
+    def _train(self) -> dict:
         clock = {"start": time.perf_counter()}
         c, s = self.config, self.first
         student, views, state = self.new_state()

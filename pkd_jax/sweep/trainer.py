@@ -106,6 +106,8 @@ class Sweep:
                                     config.shard_students)
         self.setup = setup.prepare(plan_.point_config(config, self.points[0]))
         self.lead = jax.process_index() == 0
+        if self.lead:
+            fsutil.hold_workdir(self.workdir)  # one writer per workdir, until run() ends
         if restart:
             setup.start_over(self.workdir, self.lead)
         if self.lead:
@@ -236,6 +238,12 @@ class Sweep:
         on_progress(workdir): called on process 0 after each chunk and at the end, once sweep.csv
         holds every finished student (run.py renders the report's tables and heatmap there).
         """
+        try:
+            return self._run(on_progress)
+        finally:
+            fsutil.release_workdir(self.workdir)
+
+    def _run(self, on_progress: Callable[[Path], None] | None) -> dict:
         summaries = []
         for index in range(len(self.plan.chunks)):
             summary = self.load_summary(index)
