@@ -29,10 +29,9 @@ students on SST-2 only).
 Every run is a run.py workdir under OUT/<task>/...; a finished one is skipped and an interrupted
 one resumes, so rerunning the same command continues where it stopped, in sittings. Each
 invocation appends its wall and CPU seconds to OUT/sittings.jsonl (kept current after every run).
-A run of a small model uses about one core of a CPU: a second invocation on disjoint work, e.g.
-the same command with --methods=FT,KD (the other tasks' FT and KD students, which need no
-searched point) beside the full one, uses the second core. Never start two invocations that may
-reach the same run at the same time: a workdir has one writer.
+A run of a small model uses about one core of a CPU: start the same command twice to use two.
+A workdir has one writer (a lock): an invocation that reaches a run another one is training
+leaves it to that one and goes on with the runs that do not need its result.
 Writes OUT/results.md (the tables, `scripts/study_tables.py`) and OUT/results.json; --report-only
 writes them from the runs finished so far (a missing cell shows "–") and trains nothing;
 --doc=docs/results.md also puts the tables between that page's `<!-- study:begin -->` and
@@ -63,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ lives a
 from configs import finetune, multitask as multitask_config, sweep as sweep_config
 from pkd_jax import advise, checkpoints, fsutil, metrics, multitask, sweep, train
 from pkd_jax.data import glue
+from pkd_jax.errors import WorkdirInUse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import study_tables  # noqa: E402
@@ -211,7 +211,17 @@ def _finished(workdir: Path) -> dict | None:
 
 
 class Unfinished(Exception):
-    """--report-only met a run that has not finished."""
+    """A run not finished: --report-only met it, or another invocation is training it."""
+
+
+def _train(workdir: Path, train_fn):
+    """train_fn() trains in workdir; a workdir another invocation is training in is left to it (the
+    runs that need its result wait for a later sitting)."""
+    try:
+        return train_fn()
+    except WorkdirInUse:
+        print(f"[reproduce] {workdir}: another invocation is training it; left to that one", flush=True)
+        raise Unfinished(workdir) from None
 
 
 class Ledger:
@@ -251,7 +261,7 @@ def run_teacher(task, args, out: Path, ledger: Ledger) -> Path:
         if args.report_only:
             raise Unfinished(workdir)
         print(f"[reproduce] {task}: fine-tuning the teacher in {workdir}", flush=True)
-        train.train_and_evaluate(teacher_config(task, args), workdir)
+        _train(workdir, lambda: train.train_and_evaluate(teacher_config(task, args), workdir))
         ledger.add(1)
     return workdir
 
@@ -274,7 +284,7 @@ def finished_sweep(config, workdir: Path, args, ledger: Ledger) -> dict:
         if args.report_only:
             raise Unfinished(workdir)
         print(f"[reproduce] {config.task}: {workdir} ({len(sweep.grid(config))} students)", flush=True)
-        done = sweep.train_grid(config, workdir)
+        done = _train(workdir, lambda: sweep.train_grid(config, workdir))
         ledger.add(len(sweep.grid(config)))
     return done
 
@@ -413,7 +423,10 @@ def run_multitask(summary: dict, args, out: Path, ledger: Ledger) -> None:
                                        "temperature": point["temperature"],
                                        "train_examples": _of(args.train_examples, t) or None})
             print(f"[reproduce] multi-task {m} seed {seed}: {workdir}", flush=True)
-            done = multitask.train_multitask(c, workdir)
+            try:
+                done = _train(workdir, lambda: multitask.train_multitask(c, workdir))
+            except Unfinished:
+                continue
             ledger.add(1)
         found[seed] = done
     if found:

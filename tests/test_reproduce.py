@@ -121,3 +121,25 @@ def test_reproduce_small(tmp_path, tokenizer):
     generated = (out / "results.md").read_text()
     assert next(line for line in generated.splitlines() if line.startswith("| KD-3 |")).count("| – |") == 1
     assert page.read_text() == f"# Head\n<!-- study:begin -->\n{generated}<!-- study:end -->\n## Tail\n"
+
+
+def test_a_run_another_invocation_is_training_is_left_to_it(tmp_path):
+    """Two invocations side by side: one reaching a workdir the other holds (here the teacher's)
+    leaves it to that one, skips what needs its result, and still writes the tables."""
+    out = tmp_path / "study"
+    teacher = out / "rte" / "teacher"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pkd_jax import fsutil; "
+                               "fsutil.hold_workdir(sys.argv[1]); print('held', flush=True); time.sleep(600)",
+                               str(teacher)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = _run([sys.executable, str(REPO / "scripts" / "reproduce.py"), f"--glue-dir={GLUE}", f"--out={out}",
+                     "--tasks=rte", "--layers=2", "--methods=KD", "--seeds=0", "--train-examples=48",
+                     "--max-seq-length=32"], tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"[reproduce] {teacher}: another invocation is training it; left to that one" in proc.stdout
+    assert list(teacher.iterdir()) == [] and not (out / "rte" / "k2").exists()
+    assert not (out / "sittings.jsonl").exists()  # this invocation trained nothing
+    assert "| Teacher BERT | – | 100 |" in (out / "results.md").read_text()  # tables of what is finished
