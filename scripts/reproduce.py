@@ -494,7 +494,7 @@ def main(argv=None) -> int:
 def measured_speed(out: Path, models: dict[str, str], repeats: int, device: str) -> list[dict]:
     """The speed table, measured once per set of models (OUT/speed.json): a rerun or --report-only
     reuses it unless a model was saved again, the repeats changed or the device differs."""
-    key = {"models": {label: [path, (Path(path) / "model.safetensors").stat().st_mtime_ns]
+    key = {"models": {label: [path, max(f.stat().st_mtime_ns for f in Path(path).iterdir())]
                       for label, path in models.items()}, "repeats": repeats, "device": device}
     cached = out / "speed.json"
     if cached.exists() and (old := json.loads(cached.read_text()))["key"] == key:
