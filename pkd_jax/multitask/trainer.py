@@ -63,12 +63,16 @@ class MultiTaskRun:
         self.lead = jax.process_index() == 0
         if self.lead:
             fsutil.hold_workdir(self.workdir)  # one writer per workdir, until train() ends
-        if restart:
-            setup.start_over(self.workdir, self.lead)
-        if self.lead:
-            fsutil.write_text(self.workdir / "config.json", config.to_json_best_effort(indent=1) + "\n")
-        self.tx = self.first.optimizer()
-        self.feeds = {t: s.teacher_feed(self.lead) for t, s in self.setups.items()}
+        try:
+            if restart:
+                setup.start_over(self.workdir, self.lead)
+            if self.lead:
+                fsutil.write_text(self.workdir / "config.json", config.to_json_best_effort(indent=1) + "\n")
+            self.tx = self.first.optimizer()
+            self.feeds = {t: s.teacher_feed(self.lead) for t, s in self.setups.items()}
+        except BaseException:  # a failed set-up leaves the workdir to the next run
+            fsutil.release_workdir(self.workdir)
+            raise
 
     def new_state(self):
         """(the student, each task's graphdef, the placed initial train state)."""

@@ -108,15 +108,19 @@ class Sweep:
         self.lead = jax.process_index() == 0
         if self.lead:
             fsutil.hold_workdir(self.workdir)  # one writer per workdir, until run() ends
-        if restart:
-            setup.start_over(self.workdir, self.lead)
-        if self.lead:
-            fsutil.write_text(self.workdir / "config.json", config.to_json_best_effort(indent=1) + "\n")
-        self.tx = self.setup.optimizer()  # its peak learning rate is replaced per student
-        self.feed = self.setup.teacher_feed(self.lead)
-        self.plan = saved or self._new_plan()
-        log.info("%d students in %d chunk(s) of up to %d", len(self.plan.points), len(self.plan.chunks),
-                 self.plan.students_per_chunk)
+        try:
+            if restart:
+                setup.start_over(self.workdir, self.lead)
+            if self.lead:
+                fsutil.write_text(self.workdir / "config.json", config.to_json_best_effort(indent=1) + "\n")
+            self.tx = self.setup.optimizer()  # its peak learning rate is replaced per student
+            self.feed = self.setup.teacher_feed(self.lead)
+            self.plan = saved or self._new_plan()
+            log.info("%d students in %d chunk(s) of up to %d", len(self.plan.points), len(self.plan.chunks),
+                     self.plan.students_per_chunk)
+        except BaseException:  # a failed set-up leaves the workdir to the next run
+            fsutil.release_workdir(self.workdir)
+            raise
         self.step = self.logits_fn = self.take = None  # compiled on the first chunk, reused by the others
 
     # ---- Plan ----------------------------------------------------------------------------------
