@@ -58,3 +58,14 @@ def test_sittings_side_by_side_keep_their_own_lines_and_count_wall_time_once(tmp
                 {"date": "2026-11-30T10:30:00+00:00", "wall_s": 3600.0},  # 09:30-10:30, beside it
                 {"date": "2026-11-30T12:00:00+00:00", "wall_s": 600.0}]   # 11:50-12:00
     assert study_tables.busy_seconds(sittings) == 5400 + 600
+
+
+def test_each_claim_is_named_on_its_first_row_shown():
+    """A claim whose first comparison has no runs yet still names its second one (not the claim
+    above it): here "Skip above Last" shows PKD-Skip − PKD-Last and "mean features above [CLS]"
+    only PKD-Last-mean − PKD-Last."""
+    scores = {"PKD-Last": [0.83, 0.84, 0.82], "PKD-Skip": [0.83, 0.85, 0.80], "PKD-Last-mean": [0.82, 0.83, 0.81]}
+    summary = {"tasks": ["sst2"], "students": {"sst2": {"3": {m: _student((0, 1, 2), x) for m, x in scores.items()}}}}
+    rows = [line.split(" | ")[:2] for line in study_tables.paired_table(summary, 3)[2:-1]]
+    assert rows == [["| Skip above Last (paper, Table 2)", "PKD-Skip − PKD-Last"],
+                    ["| mean features above [CLS] (new)", "PKD-Last-mean − PKD-Last"]]
