@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pkd_jax import bert, checkpoints, checks, data, optim, partitioning, steps, targets
+from pkd_jax import bert, checkpoints, checks, data, fsutil, optim, partitioning, steps, targets
 from pkd_jax.checks import check_config, compute_dtype
 from pkd_jax.errors import ConfigError
 
@@ -269,6 +269,21 @@ def prepare(config) -> Setup:
                  cache_dir=cache_dir, pretrained=pretrained, tokenizer=tokenizer, train_tok=train_tok,
                  dev_tok=dev_tok, steps_per_epoch=steps_per_epoch, total_steps=total, teacher=teacher,
                  teacher_path=teacher_path, layer_map=layer_map, test_toks=test_toks)
+
+
+def open_workdir(config, workdir: Path, lead: bool, restart: bool) -> None:
+    """Process 0 takes the workdir (one writer: fsutil.hold_workdir; the run releases it when it
+    ends), --restart moves an earlier run aside, and process 0 writes the run's config.json."""
+    if lead:
+        fsutil.hold_workdir(workdir)
+    try:
+        if restart:
+            start_over(workdir, lead)
+        if lead:
+            fsutil.write_text(workdir / "config.json", config.to_json_best_effort(indent=1) + "\n")
+    except BaseException:
+        fsutil.release_workdir(workdir)
+        raise
 
 
 def start_over(workdir: Path, lead: bool) -> None:

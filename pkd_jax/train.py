@@ -95,20 +95,14 @@ def train_and_evaluate(config, workdir, *, restart: bool = False) -> dict:
         checks.check_workdir(config, workdir)
     s = setup.prepare(config)
     lead = jax.process_index() == 0
-    if lead:
-        fsutil.hold_workdir(workdir)  # one writer per workdir
+    setup.open_workdir(config, workdir, lead, restart)
     try:
-        return _train(config, workdir, s, lead, restart, clock)
+        return _train(config, workdir, s, lead, clock)
     finally:
         fsutil.release_workdir(workdir)
 
 
-def _train(config, workdir: Path, s: setup.Setup, lead: bool, restart: bool, clock: dict) -> dict:
-    if restart:
-        setup.start_over(workdir, lead)
-    if lead:
-        fsutil.write_text(workdir / "config.json", config.to_json_best_effort(indent=1) + "\n")
-
+def _train(config, workdir: Path, s: setup.Setup, lead: bool, clock: dict) -> dict:
     tx = s.optimizer()
     model = s.new_student(config.seed)
     graphdef, state = steps.create_train_state(model, tx, config.seed, **s.loss_weights(),

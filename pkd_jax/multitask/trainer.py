@@ -61,13 +61,8 @@ class MultiTaskRun:
         log.info("task sampling (%s): %s", config.sampling,
                  ", ".join(f"{t} {p:.3f}" for t, p in zip(self.tasks, self.probs)))
         self.lead = jax.process_index() == 0
-        if self.lead:
-            fsutil.hold_workdir(self.workdir)  # one writer per workdir, until train() ends
+        setup.open_workdir(config, self.workdir, self.lead, restart)  # held until train() ends
         try:
-            if restart:
-                setup.start_over(self.workdir, self.lead)
-            if self.lead:
-                fsutil.write_text(self.workdir / "config.json", config.to_json_best_effort(indent=1) + "\n")
             self.tx = self.first.optimizer()
             self.feeds = {t: s.teacher_feed(self.lead) for t, s in self.setups.items()}
         except BaseException:  # a failed set-up leaves the workdir to the next run

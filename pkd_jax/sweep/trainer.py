@@ -106,13 +106,8 @@ class Sweep:
                                     config.shard_students)
         self.setup = setup.prepare(plan_.point_config(config, self.points[0]))
         self.lead = jax.process_index() == 0
-        if self.lead:
-            fsutil.hold_workdir(self.workdir)  # one writer per workdir, until run() ends
+        setup.open_workdir(config, self.workdir, self.lead, restart)  # held until run() ends
         try:
-            if restart:
-                setup.start_over(self.workdir, self.lead)
-            if self.lead:
-                fsutil.write_text(self.workdir / "config.json", config.to_json_best_effort(indent=1) + "\n")
             self.tx = self.setup.optimizer()  # its peak learning rate is replaced per student
             self.feed = self.setup.teacher_feed(self.lead)
             self.plan = saved or self._new_plan()
