@@ -41,14 +41,11 @@ demo: $(VENV)/.runtime
 # pytest exits 5 when it collects no tests; that is not a failure of the suite. Two workers, one
 # test file each at a time (module fixtures are built once): XLA compiles on one core, so two
 # files in flight keep a 2-core machine busy. TEST_WORKERS=0 runs the suite in one process.
-# The slowest files are named first and start first (pytest collects them once; xdist would
-# otherwise reorder files by their number of tests and leave the longest ones for the end).
+# The slowest files start first (tests/conftest.py sorts them ahead; --no-loadscope-reorder stops
+# xdist from reordering files by their number of tests and leaving the longest ones for the end).
 TEST_WORKERS ?= 2
-SLOW_TESTS := tests/test_pipeline.py tests/test_reliability.py tests/test_reproduce.py tests/test_multiprocess.py \
-              tests/test_sweep.py tests/test_accel_check.py tests/test_objectives.py tests/test_multitask.py \
-              tests/test_partitioning.py tests/test_task_metrics_end_to_end.py
 test: $(VENV)/.test
-	$(PY) -m pytest $(SLOW_TESTS) tests $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) \
+	$(PY) -m pytest tests $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) \
 	    $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 bench: $(VENV)/.test

@@ -14,6 +14,18 @@ os.environ["PKD_JAX_CACHE"] = tempfile.mkdtemp(prefix="pkd_jax_test_cache_")  # 
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["PKD_JAX_CACHE"], "xla")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
+# The slowest files, slowest first (CI durations): they start first, so the two xdist workers end
+# together. pytest collects a directory in name order whatever the command line's order is.
+SLOW_FIRST = ("test_pipeline.py", "test_reliability.py", "test_reproduce.py", "test_multiprocess.py",
+              "test_sweep.py", "test_accel_check.py", "test_objectives.py", "test_multitask.py",
+              "test_partitioning.py", "test_task_metrics_end_to_end.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: file order kept
+
+
 REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = REPO.parent / "shared" / "glue"
 
