@@ -468,8 +468,8 @@ def main(argv=None) -> int:
         for task in _tasks(args, k):
             if task in summary["advice"]:
                 run_students(summary, k, task, args, out, ledger)
-    if args.multitask_method:
-        run_multitask(summary, args, out, ledger)
+        if k == args.layers[0] and args.multitask_method:
+            run_multitask(summary, args, out, ledger)  # it compares with these students: before other depths
     first = args.tasks[0]
     models = {f"Teacher ({first})": out / first / "teacher" / "model"}
     models.update({f"Student k={k} ({first})": Path(res["model"]) for k in args.layers
