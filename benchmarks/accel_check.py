@@ -143,7 +143,7 @@ def _teacher_folder(folder: Path, smoke: bool, tokenizer: str) -> Path:
 def _loop_config(args, teacher: Path):
     """The configs/pkd.py run of the loop stage, as config fields and as run.py flags."""
     layers = 2 if args.smoke else 6
-    fields = {"num_epochs": 1.0, "batch_size": 32, "max_seq_length": 64 if args.smoke else 128,
+    fields = {"num_epochs": 1.0, "batch_size": 32, "max_seq_length": 32 if args.smoke else 128,
               "predict_test": False, "progress": False, "cache_dir": str(args.out / "loop" / "cache")}
     if args.smoke:  # bf16 end to end on a CPU as well
         fields.update(train_examples=320, eval_examples=64, dtype="bfloat16", checkpoint_every_steps=5)

@@ -351,7 +351,7 @@ def test_preempted_then_resumed_by_run_py_ends_like_the_uninterrupted_run(refere
                            f"--workdir={tmp_path}", *(f"--config.{k}={v}" for k, v in OVERRIDES.items()),
                            "--config.predict_test=False"],  # the exports are compared instead
                           cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu"})
+                          env={**os.environ, "JAX_NUM_CPU_DEVICES": "4", "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("multitask sst2+stsb in ") and "best dev mean of main metrics = " in proc.stdout
     # Each task's teacher cache comes from the interrupted run (absl may log a line twice: count paths).

@@ -1,6 +1,6 @@
 """Bad input, NaN, corrupt checkpoints, a full disk, SIGTERM and SIGKILL: clear errors, nothing lost.
 
-In-process runs use the 8 fake CPU devices; subprocess runs (`run.py`, as users start it) one
+In-process runs use the conftest's 4 fake CPU devices; subprocess runs (`run.py`, as users start it) one
 device. Each group is compared with an uninterrupted run of its own kind.
 """
 

@@ -7,7 +7,7 @@ whose logged dev metrics win by the task's selection metric (the earliest among 
 checkpoint must be kept, and the exported HF folder, run by transformers' PyTorch BERT, must score
 what the run logged for that step (recomputed with scikit-learn and scipy).
 
-The runs use a one-device mesh: on 2 CPU cores the conftest's 8 fake devices cost about 3x the
+The runs use a one-device mesh: on 2 CPU cores 8 fake devices cost about 3x the
 time per step (measured 2.3 s against 0.8 s), and meshes are what test_partitioning and
 test_multiprocess check.
 """
