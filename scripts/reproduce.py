@@ -86,6 +86,11 @@ def _per_task(cast):
     return parse
 
 
+def _shape(text: str) -> tuple[int, int]:
+    batch, _, seq = text.partition("x")
+    return int(batch), int(seq)
+
+
 def _depth_tasks(text: str) -> dict[int, tuple[str, ...]]:
     return {int(k): tuple(v.split("+")) for k, _, v in (item.partition(":") for item in text.split(",") if item)}
 
@@ -135,6 +140,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "accelerator, 1 on CPU, where vmap does not pay)")
     p.add_argument("--speed-repeats", default=5, type=int,
                    help="timed forward passes per model for the speed table (measured once: OUT/speed.json)")
+    p.add_argument("--speed-shape", default=(128, 128), type=_shape, metavar="BATCHxSEQ",
+                   help="the batch size and sequence length of the speed table's forward passes")
     p.add_argument("--report-only", action="store_true", help="tables from the finished runs only; train nothing")
     p.add_argument("--doc", default=None, help="also write the tables into this page between its study markers")
     args = p.parse_args(argv)
@@ -475,7 +482,8 @@ def main(argv=None) -> int:
     models.update({f"Student k={k} ({first})": Path(res["model"]) for k in args.layers
                    if (res := summary["students"].get(first, {}).get(str(k), {}).get(args.methods[0])) is not None})
     summary["speed"] = measured_speed(out, {label: str(path) for label, path in models.items() if path.exists()},
-                                      args.speed_repeats, summary["device"])
+                                      args.speed_repeats, args.speed_shape, summary["device"])
+    summary["speed_shape"] = list(args.speed_shape)
     sittings = out / "sittings.jsonl"
     summary["sittings"] = [json.loads(line) for line in sittings.read_text().splitlines()] if sittings.exists() else []
     summary["date"] = datetime.date.today().isoformat()
@@ -491,15 +499,17 @@ def main(argv=None) -> int:
     return 0
 
 
-def measured_speed(out: Path, models: dict[str, str], repeats: int, device: str) -> list[dict]:
+def measured_speed(out: Path, models: dict[str, str], repeats: int, shape: tuple[int, int],
+                   device: str) -> list[dict]:
     """The speed table, measured once per set of models (OUT/speed.json): a rerun or --report-only
-    reuses it unless a model was saved again, the repeats changed or the device differs."""
+    reuses it unless a model was saved again, or the repeats, the shape or the device differ."""
     key = {"models": {label: [path, max(f.stat().st_mtime_ns for f in Path(path).iterdir())]
-                      for label, path in models.items()}, "repeats": repeats, "device": device}
+                      for label, path in models.items()}, "repeats": repeats, "device": device,
+           "shape": list(shape)}
     cached = out / "speed.json"
     if cached.exists() and (old := json.loads(cached.read_text()))["key"] == key:
         return old["rows"]
-    rows = study_tables.speed_table(models, repeats)
+    rows = study_tables.speed_table(models, repeats, *shape)
     out.mkdir(parents=True, exist_ok=True)
     fsutil.write_text(cached, json.dumps({"key": key, "rows": rows}, indent=1) + "\n")
     return rows

@@ -26,12 +26,12 @@ COMPARISONS = (
 SECONDARY = {"mrpc": ("f1", "accuracy"), "qqp": ("f1", "accuracy"), "stsb": ("pearson", "spearmanr")}
 
 
-def speed_table(model_dirs: dict[str, str], repeats: int) -> list[dict]:
-    """Inference examples/s of each model (batch 128, seq 128), parameters, and speed-up over the first."""
+def speed_table(model_dirs: dict[str, str], repeats: int, batch_size: int = 128, seq_len: int = 128) -> list[dict]:
+    """Inference examples/s of each model, parameters, and speed-up over the first."""
     rows = []
     for label, path in model_dirs.items():
         model = checkpoints.load_pretrained(path)
-        rate = report.inference_examples_per_s(path, batch_size=128, seq_len=128, repeats=repeats)
+        rate = report.inference_examples_per_s(path, batch_size=batch_size, seq_len=seq_len, repeats=repeats)
         rows.append({"model": label, "layers": model.config.num_hidden_layers, "params": bert.param_count(model),
                      "examples_per_s": rate})
     for r in rows:
@@ -311,5 +311,6 @@ def markdown(summary: dict) -> str:
                "0.01 near-constant):", ""] + spread_table(summary),
               ["### Chosen grid points", ""] + points_table(summary),
               ["### Multi-task PKD", ""] + (multitask_table(summary) or ["Not run yet."]),
-              ["### Inference speed (batch 128, seq 128, exported models)", ""] + speed_lines(summary)]
+              ["### Inference speed (batch {}, seq {}, exported models)".format(*summary["speed_shape"]), ""]
+              + speed_lines(summary)]
     return "\n".join(line for part in parts for line in [*part, ""])

@@ -38,7 +38,7 @@ def test_reproduce_small(tmp_path, tokenizer):
            "--tasks=rte", "--layers=3,2", "--tune-layers=3", "--methods=KD,Advised", "--seeds=0,1",
            "--train-examples=48", "--max-seq-length=32", "--teacher-epochs=1", "--student-epochs=1",
            "--temperatures=5", "--alphas=0.5,0.9", "--advised-betas=2", "--students-per-chunk=1",
-           "--speed-repeats=1", "--multitask-method=KD", "--multitask-seeds=1"]
+           "--speed-repeats=1", "--speed-shape=8x32", "--multitask-method=KD", "--multitask-seeds=1"]
     first = _run(cmd, tmp_path)
     # KD's students ignore the teacher's near-constant [CLS] features (beta = 0): no warning about them.
     assert "hardly vary" not in first.stderr
@@ -89,6 +89,7 @@ def test_reproduce_small(tmp_path, tokenizer):
     cut = sum(len(ids) > 32 for ids in tokenizer(list(dev["text_a"]), list(dev["text_b"]))["input_ids"])
     assert f"| {cut} of {len(dev)} (" in text
     assert [r["layers"] for r in summary["speed"]] == [6, 3, 2]
+    assert "### Inference speed (batch 8, seq 32, exported models)" in text
 
     # The multi-task student (here of one task and one seed: the orchestration, not the mixing, is
     # under test) trains KD's chosen point per task and is compared with the same seed's student.
