@@ -31,6 +31,9 @@ def layer_features(graphdef, params, tok: data.Tokenized, mesh, batch_size: int 
     (index l-1 is after layer l), from one deterministic forward pass per batch (bucket=False:
     batches of the full length, so one compilation)."""
     n = min(limit, len(tok))
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_size = min(batch_size, -(-n // shards) * shards)  # a small sample is not padded to a full batch
+
     @jax.jit
     def forward(params, inputs):
         out = bert.apply(graphdef, params, inputs)

@@ -59,6 +59,32 @@ def test_spreads_equal_transformers_hidden_states(cli, glue_dir, minilm_dir):
         np.testing.assert_allclose(measured[kind], expected, rtol=1e-4, err_msg=kind)
 
 
+def test_a_sample_smaller_than_a_batch_runs_unpadded_with_the_same_features(glue_dir, minilm_dir, tokenizer):
+    """5 examples run as one batch of 8 (the next multiple of the 4 devices), not padded to the
+    requested 256 (a run's spread check on a tiny training set), and give the features they give
+    among 64 examples in batches of 32."""
+    from flax import nnx
+
+    from pkd_jax import checkpoints, data, partitioning
+
+    tok = advise.dev_sample("sst2", tokenizer, glue_dir, 64, 64)
+    graphdef, params = nnx.split(checkpoints.load_pretrained(minilm_dir, num_labels=2), nnx.Param)
+    mesh = partitioning.make_mesh()
+    sizes, eval_batches = [], data.eval_batches
+
+    def recorded(tok, batch_size, **kw):
+        sizes.append(batch_size)
+        return eval_batches(tok, batch_size, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "eval_batches", recorded)
+        few = targets.layer_features(graphdef, params, tok, mesh, batch_size=256, limit=5, bucket=False)
+    assert sizes == [8] and few["cls"].shape == (6, 5, 384)
+    every = targets.layer_features(graphdef, params, tok, mesh, batch_size=32, limit=64, bucket=False)
+    for kind in ("cls", "mean"):
+        np.testing.assert_allclose(few[kind], every[kind][:, :5], atol=1e-5, err_msg=kind)
+
+
 def test_cka_of_a_model_with_its_own_layers(cli):
     """(b) Student = the teacher's first 3 layers: CKA(student i, teacher i) = 1, below 1 elsewhere."""
     cka = cli[1]["cka"]
