@@ -138,7 +138,7 @@ class Setup:
         t_params = partitioning.place_state(t_params, self.mesh, self.fsdp)
         kind, index = self.config.patient_features, np.asarray(self.layer_map, int) - 1
         if self.online:
-            if self.weighs_patient:  # FT and KD runs of a study ignore the patient features
+            if self.weighs_patient:  # KD (beta = 0) ignores the patient features
                 sample = targets.layer_features(t_graphdef, t_params, self.train_tok, self.mesh, batch_size=256,
                                                 bucket=False)[kind]
                 targets.warn_if_constant(sample[index], self.layer_map, kind, log)

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
-from pkd_jax import advise, losses, report, targets
+from pkd_jax import advise, checkpoints, data, losses, partitioning, report, targets
 
 ARGS = ["--task=sst2", "--examples=64", "--max-seq-length=64", "--layers=3"]
 
@@ -63,10 +64,6 @@ def test_a_sample_smaller_than_a_batch_runs_unpadded_with_the_same_features(glue
     """5 examples run as one batch of 8 (the next multiple of the 4 devices), not padded to the
     requested 256 (a run's spread check on a tiny training set), and give the features they give
     among 64 examples in batches of 32."""
-    from flax import nnx
-
-    from pkd_jax import checkpoints, data, partitioning
-
     tok = advise.dev_sample("sst2", tokenizer, glue_dir, 64, 64)
     graphdef, params = nnx.split(checkpoints.load_pretrained(minilm_dir, num_labels=2), nnx.Param)
     mesh = partitioning.make_mesh()
