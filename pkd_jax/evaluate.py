@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
@@ -33,12 +33,17 @@ def predict(logits_fn: Callable, params, tok: data.Tokenized, mesh, batch_size: 
     return logits
 
 
-def compile_for_split(logits_fn: steps.Precompiled, params, tok: data.Tokenized, mesh, batch_size: int) -> None:
-    """Compile `logits_fn` for every batch shape of `tok`'s evaluation, ahead of the loop."""
+def split_calls(logits_fn: steps.Precompiled, params, tok: data.Tokenized, mesh,
+                batch_size: int) -> Iterator[tuple[steps.Precompiled, tuple]]:
+    """`(logits_fn, example args)` for each batch shape of `tok`'s evaluation: what
+    `steps.compile_all` compiles ahead of the loop."""
+    shapes = set()
     for batch in data.eval_batches(tok, batch_size):
         inputs = {k: batch[k] for k in data.MODEL_INPUTS}
-        if not logits_fn.has(inputs):
-            logits_fn.compile_for(params, partitioning.shard_batch(inputs, mesh))
+        shape = inputs["input_ids"].shape
+        if shape not in shapes and not logits_fn.has(inputs):
+            shapes.add(shape)
+            yield logits_fn, (params, partitioning.shard_batch(inputs, mesh))
 
 
 def scores(task: str, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:

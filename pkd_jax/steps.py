@@ -11,8 +11,10 @@ loops or logs.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
-from typing import Any, Callable
+import os
+from typing import Any, Callable, Iterable
 
 import flax.struct
 import jax
@@ -194,9 +196,9 @@ class Precompiled:
     """A jitted function compiled ahead of time for every batch shape it will be called with.
 
     Batches are padded to a few length buckets, so a step has a few shapes; compiling them all
-    before the loop keeps compilation out of the loop and out of its timings (`compile_for`
-    with an example of each shape). A call with a shape not compiled yet compiles it, with a
-    warning. The batch is the last argument; the other arguments keep their shapes.
+    before the loop (`compile_all`) keeps compilation out of the loop and out of its timings. A
+    call with a shape not compiled yet compiles it, with a warning. The batch is the last
+    argument; the other arguments keep their shapes.
     """
 
     def __init__(self, jitted: Callable, name: str = "step"):
@@ -212,8 +214,7 @@ class Precompiled:
         return self._key(batch) in self.compiled
 
     def compile_for(self, *args) -> None:
-        if not self.has(args[-1]):
-            self.compiled[self._key(args[-1])] = self.jitted.lower(*args).compile()
+        compile_all([(self, args)])
 
     def __call__(self, *args):
         key = self._key(args[-1])
@@ -222,3 +223,28 @@ class Precompiled:
                         dict(key))
             self.compile_for(*args)
         return self.compiled[key](*args)
+
+
+def compile_all(calls: Iterable[tuple[Precompiled, tuple]], threads: int | None = None) -> int:
+    """Compile each `(function, example args)` whose batch shape is new, side by side; returns
+    how many programs were compiled.
+
+    Lowering (tracing, Python) runs here one call at a time; XLA's compilation releases the GIL,
+    so the programs (a run's length buckets, its evaluation shapes) compile on a thread pool of
+    `threads` (default: one per program, at most the host's CPUs). On a GPU each program's
+    compilation takes seconds to tens of seconds, mostly on the host.
+    """
+    pending, seen = [], set()
+    for fn, args in calls:
+        key = fn._key(args[-1])
+        if key not in fn.compiled and (id(fn), key) not in seen:
+            seen.add((id(fn), key))
+            pending.append((fn, key, fn.jitted.lower(*args)))
+    if not pending:
+        return 0
+    workers = threads or min(len(pending), os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:
+        compiled = list(pool.map(lambda p: p[2].compile(), pending))
+    for (fn, key, _), program in zip(pending, compiled):
+        fn.compiled[key] = program
+    return len(pending)

@@ -8,6 +8,7 @@ the best model and writes results.json. What a run writes is listed in the READM
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import logging
 import time
@@ -38,9 +39,9 @@ class _Student:
     def compile(self, state, start: int) -> None:
         """Compile the step and the evaluation for every batch shape of the run, before the loop."""
         s, t0 = self.s, time.perf_counter()
-        for batch in s.example_batches(start, self.feed):
-            self.step.compile_for(state, *self.teacher_args, batch)
-        evaluate.compile_for_split(self.logits_fn, state.params, s.dev_tok, s.mesh, s.config.eval_batch_size)
+        steps.compile_all(itertools.chain(
+            ((self.step, (state, *self.teacher_args, batch)) for batch in s.example_batches(start, self.feed)),
+            evaluate.split_calls(self.logits_fn, state.params, s.dev_tok, s.mesh, s.config.eval_batch_size)))
         log.info("compiled the train step for %d batch shape(s) and evaluation for %d in %.1f s",
                  len(self.step.compiled), len(self.logits_fn.compiled), time.perf_counter() - t0)
 

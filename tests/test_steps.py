@@ -1,5 +1,7 @@
 """Jitted steps on 4 fake CPU devices: sharding-invariance, FSDP, no recompiles, cached == online."""
 
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,6 +141,28 @@ def test_step_compiles_once(minilm_dir, teacher, batches):
     for batch in batches:
         state, _ = fn(state, teacher_params, partitioning.shard_batch(batch, mesh))
     assert len(traces) == 1
+
+
+def test_compile_all_compiles_each_new_shape_once_on_a_thread_pool(monkeypatch):
+    """A run's bucket shapes and evaluation shapes compile together: each new (function, batch
+    shape) once, in the pool's threads (XLA releases the GIL there); a later call compiles none,
+    and the compiled programs compute what the jitted functions do."""
+    threads, compile_ = [], jax.stages.Lowered.compile
+
+    def recorded(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return compile_(self, *args, **kwargs)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", recorded)
+    step = steps.Precompiled(jax.jit(lambda w, b: (b["x"] * w).sum()), "step")
+    logits = steps.Precompiled(jax.jit(lambda w, b: b["x"].mean(axis=1) + w), "evaluation")
+    batches = [{"x": np.full((2, n), n, np.float32)} for n in (3, 5, 3, 7)]
+    calls = [(step, (2.0, b)) for b in batches] + [(logits, (1.0, batches[0]))] * 2
+    assert steps.compile_all(calls) == 4 and len(step.compiled) == 3 and len(logits.compiled) == 1
+    assert len(threads) == 4 and all(t.startswith("compile") for t in threads)
+    assert steps.compile_all(calls) == 0 and len(threads) == 4
+    assert float(step(2.0, batches[1])) == 2.0 * 5 * 10 and float(step(2.0, batches[3])) == 2.0 * 7 * 14
+    np.testing.assert_array_equal(logits(1.0, batches[0]), [4.0, 4.0])
 
 
 def test_cached_teacher_outputs_equal_online(minilm_dir, teacher, batches, replicated, initial_params):

@@ -174,12 +174,14 @@ class _Students:
         run, t0 = self.run, time.perf_counter()
         seed, total = run.config.seed, run.first.total_steps
         at, end = mixing.counts(run.probs, seed, start), mixing.counts(run.probs, seed, total)
+        calls = []
         for i, (t, s) in enumerate(run.setups.items()):
             feed = run.feeds[t]
-            for batch in s.example_batches(int(at[i]), feed, stop=int(end[i])):
-                self.steps[t].compile_for(state, feed.params, batch)
-            evaluate.compile_for_split(self.logits_fns[t], state.params, s.dev_tok, s.mesh,
-                                       run.config.eval_batch_size)
+            calls += [(self.steps[t], (state, feed.params, batch))
+                      for batch in s.example_batches(int(at[i]), feed, stop=int(end[i]))]
+            calls += evaluate.split_calls(self.logits_fns[t], state.params, s.dev_tok, s.mesh,
+                                          run.config.eval_batch_size)
+        steps.compile_all(calls)
         log.info("compiled %d task step(s) and %d evaluation(s) in %.1f s",
                  sum(len(p.compiled) for p in self.steps.values()),
                  sum(len(p.compiled) for p in self.logits_fns.values()), time.perf_counter() - t0)

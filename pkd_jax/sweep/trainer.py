@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
@@ -181,9 +182,10 @@ class Sweep:
     def _compile(self, state, start: int, seed: int, to_devices) -> None:
         """The chunk's step and evaluation for every batch shape it will meet, before its loop."""
         s, t0 = self.setup, time.perf_counter()
-        for batch in s.example_batches(start, self.feed, seed=seed, to_devices=to_devices):
-            self.step.compile_for(state, self.feed.params, batch)
-        evaluate.compile_for_split(self.logits_fn, state.params, s.dev_tok, s.mesh, self.config.eval_batch_size)
+        steps.compile_all(itertools.chain(
+            ((self.step, (state, self.feed.params, batch))
+             for batch in s.example_batches(start, self.feed, seed=seed, to_devices=to_devices)),
+            evaluate.split_calls(self.logits_fn, state.params, s.dev_tok, s.mesh, self.config.eval_batch_size)))
         log.info("compiled the students step for %d batch shape(s) and evaluation for %d in %.1f s",
                  len(self.step.compiled), len(self.logits_fn.compiled), time.perf_counter() - t0)
 
