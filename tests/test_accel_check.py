@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -31,6 +33,11 @@ def test_smoke_run_passes_and_reports_every_stage(glue_dir, tmp_path):
     loop = report["loop"]
     assert loop["ok"] and loop["steps"] == 10 and loop["steps_device_seconds"] > 0
     assert sum(v["steps"] for v in loop["by_length"].values()) == 10
+    # The loop's time splits into its steps and its evaluation and saving; every stage is timed.
+    assert 0 < loop["train_seconds"] < loop["loop_seconds"]
+    assert loop["train_seconds"] + loop["eval_save_seconds"] == pytest.approx(loop["loop_seconds"])
+    assert set(report["stage_seconds"]) == {"correctness", "bench", "loop"}
+    assert sum(report["stage_seconds"].values()) <= report["seconds"]
     run = json.loads((tmp_path / "loop" / "student" / "results.json").read_text())
     assert run["config"]["dtype"] == "bfloat16" and 0 < run["metrics"]["accuracy"] <= 1
     assert (tmp_path / "accel_check.md").read_text().startswith("Device: ")
