@@ -50,7 +50,9 @@ the measured matmul peak of the machine in the run's dtype.
 ``jax.profiler.trace`` into ``DIR/<suite>-<name>`` (the timings exclude the profiler): open it with
 TensorBoard's or XProf's profile tool, or its ``perfetto_trace.json.gz`` in ui.perfetto.dev. A
 trace lists every XLA op of the step with its time; ``XLA_FLAGS=--xla_dump_to=DIR`` adds the
-optimised HLO that names them. The line of a profiled step has ``trace_dir``.
+optimised HLO that names them. The line of a profiled step has ``trace_dir`` and ``ops``: the op
+time of one call, the shares of matmul-like and attention-like ops, and the top ops
+(``common.op_summary``).
 
 Every JSON line carries ``suite``, ``name``, the shapes, ``device``, ``versions`` and ``date``;
 step lines also ``step_s_median``, ``examples_per_s``, ``tflops_per_s``, ``mfu`` and, where the

@@ -10,8 +10,8 @@ downloads nothing: random weights, a local GLUE folder (SST-2), the installed pa
    path, compile-once and no host transfers in the steady state, a vmapped sweep chunk, an orbax
    save racing a donated step.
 2. **bench**: the suites at the paper's shapes: the PKD 12->6 step (BERT-base, bf16, batch 256,
-   seq 128, teacher online and cached; MFU; PyTorch eager and torch.compile ratios), the
-   efficiency table (BERT12/6/3, batch 128, seq 128) and the sweep chunk (8 BERT_3 students
+   seq 128, teacher online and cached; MFU; PyTorch eager and torch.compile ratios; a profile of
+   each JAX step, summarised as its top ops and matmul share), the efficiency table (BERT12/6/3, batch 128, seq 128) and the sweep chunk (8 BERT_3 students
    vmapped against one after another).
 3. **loop**: `run.py` distils a random-init BERT-base-size teacher into a 6-layer student over the
    whole SST-2 training set for one epoch (batch 32, seq 128). The loop's wall time (evaluation,
@@ -114,6 +114,8 @@ def run_bench(args) -> list[dict[str, Any]]:
     common = ["--repeats=1", "--warmup=0"] if args.smoke else ["--repeats=10", "--warmup=2"]
     with open(args.out / "bench.jsonl", "w") as f:
         for suite in _BENCH_SMOKE if args.smoke else _BENCH_FULL:
+            # The train steps are profiled too: where their op time goes is what MFU work starts from.
+            suite = suite + ([f"--profile={args.out / 'profile'}"] if suite[0] == "train" else [])
             _log("bench: python -m benchmarks " + " ".join(suite + common))
             with contextlib.redirect_stdout(io.StringIO()):
                 new = bench.main(suite + common + ["--json"])
@@ -236,6 +238,13 @@ def _bench_rows(lines) -> list[tuple[str, str, str, str]]:
                          f"{line['dtype']}, batch {line['batch_size']}, seq {line['seq_len']}",
                          f"{1e3 * line['step_s_median']:.1f} ms, {line['examples_per_s']:,.0f} ex/s, "
                          f"MFU {_fmt(line['mfu'], '.1%')}", "", ""))
+    for line in lines:
+        ops = line.get("ops")
+        if ops:
+            top = ", ".join(f"{o['op']} {o['share']:.0%}" for o in ops["top"][:4])
+            rows.append((f"profile {line['name']}: op time a call ({ops['where']}); matmul-like, attention-like; top ops",
+                         f"{ops['op_ms_per_call']:.1f} ms of {1e3 * line['step_s_median']:.1f} ms; "
+                         f"{_fmt(ops['matmul_share'], '.0%')}, {_fmt(ops['attention_share'], '.0%')}; {top}", "", ""))
     efficiency = [l for l in lines if l["suite"] == "efficiency"]
     if efficiency:
         rows.append((f"efficiency: {efficiency[0]['model']} inference, batch {efficiency[0]['batch_size']}, "

@@ -4,14 +4,18 @@ peaks, the FLOP model (the package docstring), the benchmarked models and synthe
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import functools
+import gzip
 import json
 import os
 import platform
+import re
 import statistics
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import flax
@@ -136,6 +140,43 @@ def versions() -> dict[str, str]:
     return out
 
 
+# An XLA op in a trace is named after its HLO instruction: "fusion.44", "dot.3", "cublas-gemm.7".
+_HLO_OP = re.compile(r"^[a-z][\w-]*\.\d+$")
+_MATMUL = ("dot", "gemm", "matmul", "cublas", "conv")
+_ATTENTION = ("fmha", "flash", "cudnn", "attention")
+
+
+def op_summary(perfetto: Path, calls: int, top: int = 15) -> dict[str, Any]:
+    """Where a profiled step's op time goes, from its trace (`perfetto_trace.json.gz`).
+
+    The ops are the events named as HLO instructions. On a GPU or TPU they come from the device's
+    busiest line (its ops run one after another there); on a CPU from every XLA thread (ops run
+    side by side, so op time exceeds wall time). Returns the op time of one call, the shares of
+    matmul-like and attention-like ops (by name), and the `top` ops with their share.
+    """
+    events = json.loads(gzip.decompress(perfetto.read_bytes()))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    lines: dict[tuple, collections.Counter] = collections.defaultdict(collections.Counter)
+    for e in events:
+        if e.get("ph") == "X" and _HLO_OP.match(e.get("name", "")):
+            lines[e["pid"], e["tid"]][e["name"]] += float(e.get("dur", 0.0))  # microseconds
+    device = [key for key in lines if processes.get(key[0], "").startswith("/device:")]
+    if device:
+        ops = lines[max(device, key=lambda key: sum(lines[key].values()))]
+    else:
+        ops = sum(lines.values(), collections.Counter())
+    total = sum(ops.values())
+
+    def share(words):
+        return sum(t for name, t in ops.items() if any(w in name for w in words)) / total if total else None
+
+    return {"where": "device" if device else "host threads", "op_ms_per_call": total / 1e3 / calls,
+            "matmul_share": share(_MATMUL), "attention_share": share(_ATTENTION),
+            "top": [{"op": name, "ms_per_call": t / 1e3 / calls, "share": t / total}
+                    for name, t in ops.most_common(top)]}
+
+
 def device_info() -> dict[str, Any]:
     dev = jax.devices()[0]
     return {"platform": dev.platform, "kind": dev.device_kind, "count": jax.device_count(),
@@ -187,7 +228,8 @@ class Bench:
             for _ in range(self.args.repeats):
                 sync(run_once())
         log(f"profile of {suite} {name}: {trace_dir}")
-        return {"trace_dir": str(trace_dir)}
+        (perfetto,) = trace_dir.glob("plugins/profile/*/perfetto_trace.json.gz")
+        return {"trace_dir": str(trace_dir), "ops": op_summary(perfetto, calls=self.args.repeats)}
 
     def emit(self, line: dict[str, Any]) -> dict[str, Any]:
         line.update(device=device_info(), versions=versions(),

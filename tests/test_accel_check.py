@@ -30,6 +30,7 @@ def test_smoke_run_passes_and_reports_every_stage(glue_dir, tmp_path):
                      "test_distill_step_compiles_once_and_runs_without_host_transfers[online]": "passed",
                      "test_distill_step_compiles_once_and_runs_without_host_transfers[cached]": "passed"}
     assert {"train pkd_online", "efficiency", "sweep", "loop"} <= set(checks)
+    assert {"profile finetune", "profile pkd_online", "profile pkd_cached"} <= set(checks)  # top ops
     loop = report["loop"]
     assert loop["ok"] and loop["steps"] == 10 and loop["steps_device_seconds"] > 0
     assert sum(v["steps"] for v in loop["by_length"].values()) == 10

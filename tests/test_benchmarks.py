@@ -259,7 +259,32 @@ def test_profile_traces_each_timed_step(tmp_path):
         events = events["traceEvents"] if isinstance(events, dict) else events
         names = {e.get("name", "") for e in events}
         assert any("fusion" in n or n.startswith("dot") for n in names)  # the step's XLA ops
+        ops = line["ops"]  # their summary, from the same trace
+        assert ops["where"] == "host threads" and ops["op_ms_per_call"] > 0 and 0 < ops["matmul_share"] < 1
+        assert {o["op"] for o in ops["top"]} <= names and sum(o["share"] for o in ops["top"]) <= 1 + 1e-9
     assert all("trace_dir" not in line for line in results if line["framework"] != "jax")
+
+
+def test_op_summary_reads_the_busiest_device_line(tmp_path):
+    """On a device, the ops of the line that holds them (not the host's Python or a stream's
+    kernels), per call, with the shares of matmul-like and attention-like names."""
+    def op(name, dur, pid=1, tid=10):
+        return {"ph": "X", "pid": pid, "tid": tid, "ts": 0, "dur": dur, "name": name}
+
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+              {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+              op("cublas-gemm.3", 600.0), op("fusion.12", 300.0), op("custom-call.7_cudnn", 0.0),
+              op("cudnn-fmha.2", 100.0), op("fusion.12", 200.0),
+              op("sm90_xmma_gemm_bf16", 999.0, tid=11),  # a stream's kernel: not an HLO name
+              op("dot.1", 50.0, tid=12),  # a quieter device line
+              op("$train_steps.py:60 once", 5000.0, pid=2), op("dot.9", 4000.0, pid=2)]  # the host
+    path = tmp_path / "perfetto_trace.json.gz"
+    path.write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
+    ops = common.op_summary(path, calls=2, top=2)
+    assert ops["where"] == "device" and ops["op_ms_per_call"] == pytest.approx(0.6)
+    assert ops["matmul_share"] == pytest.approx(0.5) and ops["attention_share"] == pytest.approx(100 / 1200)
+    assert ops["top"] == [{"op": "cublas-gemm.3", "ms_per_call": pytest.approx(0.3), "share": pytest.approx(0.5)},
+                          {"op": "fusion.12", "ms_per_call": pytest.approx(0.25), "share": pytest.approx(500 / 1200)}]
 
 
 def test_sweep_suite_points_are_the_grid_of_configs_sweep():
