@@ -227,6 +227,34 @@ def test_projection_gets_gradients_trains_and_is_checkpointed(minilm_dir, batche
     np.testing.assert_array_equal(restored.projection["bias"], saved.projection["bias"])
 
 
+def test_a_checkpoint_of_the_nnx_variable_layout_restores_into_plain_arrays(minilm_dir, tmp_path):
+    """Train states saved before 2026-12-01 held parameters and Adam moments as nnx variables (paths
+    ending in .value); such a checkpoint, written here the old way (with a projection), restores
+    every value into today's layout of plain arrays."""
+    tx = optim.make_optimizer(learning_rate=LEARNING_RATE, total_steps=100, warmup_steps=0)
+    model = checkpoints.load_pretrained(minilm_dir, num_labels=2, num_layers=3)
+    _, variables = nnx.split(model, nnx.Param)
+    assert isinstance(jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nnx.Variable))[0], nnx.Param)
+    rng = np.random.default_rng(0)
+    projection = {"kernel": rng.normal(size=(384, 512)).astype(np.float32), "bias": np.ones(512, np.float32)}
+    old = steps.TrainState(step=jnp.int32(7), params=variables, opt_state=tx.init((variables, projection)),
+                           rng=jax.random.PRNGKey(3), hparams={"alpha": jnp.float32(0.5)}, projection=projection)
+    old = jax.tree.map(lambda x: x + rng.normal(size=x.shape).astype(x.dtype)  # moments not all zeros
+                       if x.dtype == np.float32 and x.ndim else x, old)
+    ckpt = checkpoints.TrainCheckpointer(tmp_path / "checkpoints")
+    ckpt.save(7, old, {"step": 7})
+    ckpt.wait()
+    _, target = steps.create_train_state(model, tx, seed=0, alpha=0.5, projection_to=512)
+    target = target.replace(hparams={"alpha": target.hparams["alpha"]})
+    assert not any(isinstance(x, nnx.Variable) for x in
+                   jax.tree.leaves(target, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    restored, meta = ckpt.restore(7, target)
+    ckpt.close()
+    assert meta == {"step": 7} and jax.tree.structure(restored) == jax.tree.structure(target)
+    for new, before in zip(jax.tree.leaves(restored), jax.tree.leaves(old), strict=True):
+        np.testing.assert_array_equal(np.asarray(new), np.asarray(before))
+
+
 def test_alpha_beta_zero_is_fine_tuning(minilm_dir, teacher, batches, initial_params):
     """α = β = 0 is the fine-tuning step; measured bitwise equal over 3 updates (bound 1e-7)."""
     mesh = partitioning.make_mesh()
