@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pkd_jax import fsutil
+from pkd_jax import fsutil, steps
 from pkd_jax.bert import BertConfig, BertForSequenceClassification, classifier_head
 from pkd_jax.errors import CheckpointError
 
@@ -348,29 +348,6 @@ def save_pretrained(model: BertForSequenceClassification, path, tokenizer=None, 
 # Train-state checkpoints (orbax)
 # --------------------------------------------------------------------------------------------
 
-def _is_variable(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def _as_variables(state):
-    """`state` in the layout train states had before 2026-12-01: every parameter, and every Adam
-    moment of one, an nnx.Param (found by the parameters' top-level keys in its path); None for
-    a state with no `params` dict."""
-    params = getattr(state, "params", None)
-    if not isinstance(params, dict):
-        return None
-    tops = set(params)
-
-    def wrap(path, x):
-        in_params = path[0] == jax.tree_util.GetAttrKey("params")
-        keys = {k.key for k in path if isinstance(k, jax.tree_util.DictKey)}
-        if in_params or (path[0] == jax.tree_util.GetAttrKey("opt_state") and keys & tops):
-            return nnx.Param(x)
-        return x
-
-    return jax.tree_util.tree_map_with_path(wrap, state)
-
-
 class TrainCheckpointer:
     """Orbax checkpoints of the full train state plus a small JSON of run metadata.
 
@@ -422,14 +399,14 @@ class TrainCheckpointer:
         try:
             return self._restore(step, target)
         except Exception as error:
-            legacy = _as_variables(target)
+            legacy = steps.as_variables(target)
             if legacy is None:
                 raise
             try:
                 state, meta = self._restore(step, legacy)
             except Exception:
                 raise error from None
-            return jax.tree.map(lambda v: v[...], state, is_leaf=_is_variable), meta
+            return steps.as_arrays(state), meta
 
     def _restore(self, step: int, target):
         abstract = jax.tree.map(

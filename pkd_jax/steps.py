@@ -73,6 +73,29 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed
     return graphdef, state.replace(opt_state=tx.init(state.trainable()))
 
 
+def as_variables(state):
+    """`state` in the layout train states had before 2026-12-01 (their checkpoints' layout): every
+    parameter, and every Adam moment of one, an nnx.Param (found by the parameters' top-level keys
+    in its path); None for a state without a `params` dict."""
+    params = getattr(state, "params", None)
+    if not isinstance(params, dict):
+        return None
+
+    def wrap(path, x):
+        keys = {k.key for k in path if isinstance(k, jax.tree_util.DictKey)}
+        if path[0] == jax.tree_util.GetAttrKey("params") or (
+                path[0] == jax.tree_util.GetAttrKey("opt_state") and keys & set(params)):
+            return nnx.Param(x)
+        return x
+
+    return jax.tree_util.tree_map_with_path(wrap, state)
+
+
+def as_arrays(state):
+    """`state` with every nnx variable replaced by its array: today's layout."""
+    return jax.tree.map(lambda v: v[...], state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def _apply_gradients(state: TrainState, tx, loss_fn) -> tuple[TrainState, jax.Array, Any]:
     """One optimizer update; `loss_fn(params, projection)` -> (loss, aux)."""
     def loss_of(trainable):
