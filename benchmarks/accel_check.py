@@ -11,8 +11,8 @@ downloads nothing: random weights, a local GLUE folder (SST-2), the installed pa
    save racing a donated step.
 2. **bench**: the suites at the paper's shapes: the PKD 12->6 step (BERT-base, bf16, batch 256,
    seq 128, teacher online and cached; MFU; PyTorch eager and torch.compile ratios; a profile of
-   each JAX step, summarised as its top ops and matmul share), the efficiency table (BERT12/6/3, batch 128, seq 128) and the sweep chunk (8 BERT_3 students
-   vmapped against one after another).
+   each JAX step, summarised as its top ops and matmul share), the efficiency table (BERT12/6/3,
+   batch 128, seq 128) and the sweep chunk (8 BERT_3 students vmapped against one after another).
 3. **loop**: `run.py` distils a random-init BERT-base-size teacher into a 6-layer student over the
    whole SST-2 training set for one epoch (batch 32, seq 128). The loop's wall time (evaluation,
    checkpoints and data included) is compared with the sum of its steps' device times: each

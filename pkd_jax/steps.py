@@ -240,15 +240,12 @@ class Precompiled:
         """Whether a batch of this shape (host or device arrays) is compiled already."""
         return self._key(batch) in self.compiled
 
-    def compile_for(self, *args) -> None:
-        compile_all([(self, args)])
-
     def __call__(self, *args):
         key = self._key(args[-1])
         if key not in self.compiled:
             log.warning("%s: compiling for a batch shape not compiled before the loop: %s", self.name,
                         dict(key))
-            self.compile_for(*args)
+            compile_all([(self, args)])
         return self.compiled[key](*args)
 
 
