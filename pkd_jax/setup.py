@@ -142,7 +142,8 @@ class Setup:
                 sample = targets.layer_features(t_graphdef, t_params, self.train_tok, self.mesh, batch_size=256,
                                                 bucket=False)[kind]
                 targets.warn_if_constant(sample[index], self.layer_map, kind, log)
-            return TeacherFeed(t_graphdef, t_params)
+            # Plain arrays, as the student's state: a step call flattens them on the host every step.
+            return TeacherFeed(t_graphdef, nnx.to_pure_dict(t_params))
         from pkd_jax import teacher_cache
 
         cache = teacher_cache.build_or_load(
