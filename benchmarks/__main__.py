@@ -107,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None,
                    help="default 128 for efficiency; sweep 32; 256 on accelerators, 32 on CPU otherwise")
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--student-attention-dropout", type=float, default=None, metavar="P",
+                   help="train and torch: the students' attention-probability dropout (default: the "
+                        "model's, 0.1). 0 lets a GPU student's attention take cuDNN's fused kernel")
     p.add_argument("--teacher", default="both", choices=("online", "cached", "both"),
                    help="PKD step(s) to time")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
@@ -133,6 +136,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    p_drop = args.student_attention_dropout
+    if p_drop is not None and not 0 <= p_drop < 1:
+        p.error(f"--student-attention-dropout must be in [0, 1), got {p_drop}")
     if args.warmup is not None and args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     return args

@@ -276,11 +276,12 @@ def resolve_model(name: str, teacher_layers: int | None) -> ModelSpec:
 
 
 def build_model(spec: ModelSpec, layers: int, dtype: str, *, pretrained: bool,
-                seed: int = 0) -> BertForSequenceClassification:
+                seed: int = 0, **overrides) -> BertForSequenceClassification:
+    """overrides: BertConfig fields (e.g. attention_probs_dropout_prob)."""
     if pretrained and spec.pretrained:
         return checkpoints.load_pretrained(spec.name, num_labels=NUM_LABELS, num_layers=layers,
-                                           dtype=jnp.dtype(dtype), seed=seed)
-    config = dataclasses.replace(spec.config, num_hidden_layers=layers)
+                                           dtype=jnp.dtype(dtype), seed=seed, **overrides)
+    config = dataclasses.replace(spec.config, num_hidden_layers=layers, **overrides)
     return BertForSequenceClassification(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed))
 
 
@@ -295,6 +296,12 @@ def synthetic_batch(config: BertConfig, batch_size: int, seq_len: int, *,
         batch["teacher_features"] = rng.normal(
             size=(batch_size, cached_layers, config.hidden_size)).astype(np.float32)
     return batch
+
+
+def student_overrides(args: argparse.Namespace) -> dict[str, float]:
+    """The students' config overrides asked for on the command line (JAX and torch alike)."""
+    p = getattr(args, "student_attention_dropout", None)
+    return {} if p is None else {"attention_probs_dropout_prob": p}
 
 
 def student_depth(args: argparse.Namespace, spec: ModelSpec) -> int:

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from benchmarks.common import (ALPHA, BETA, NUM_LABELS, TEMPERATURE, Bench, ModelSpec, log, pkd_layer_map,
-                               synthetic_batch, target)
+                               student_overrides, synthetic_batch, target)
 from pkd_jax import checkpoints, data, timing
 
 
@@ -35,7 +35,8 @@ def _torch_device():
     return None
 
 
-def _torch_models(spec: ModelSpec, teacher_layers: int, student_layers: int, device):
+def _torch_models(spec: ModelSpec, teacher_layers: int, student_layers: int, device, **student_config):
+    """(teacher in eval mode, student in train mode); student_config: the student's overrides."""
     import transformers
 
     transformers.logging.set_verbosity_error()  # the fresh classifier is expected
@@ -44,13 +45,13 @@ def _torch_models(spec: ModelSpec, teacher_layers: int, student_layers: int, dev
     if spec.pretrained:
         folder = str(checkpoints.resolve(spec.name))
         teacher, student = (cls.from_pretrained(folder, num_labels=NUM_LABELS,
-                                                num_hidden_layers=depth)
-                            for depth in (teacher_layers, student_layers))
+                                                num_hidden_layers=depth, **extra)
+                            for depth, extra in ((teacher_layers, {}), (student_layers, student_config)))
     else:
         teacher, student = (
             cls(transformers.BertConfig(**dataclasses.replace(
-                spec.config, num_hidden_layers=depth).to_hf_dict()))
-            for depth in (teacher_layers, student_layers))
+                spec.config, num_hidden_layers=depth, **extra).to_hf_dict()))
+            for depth, extra in ((teacher_layers, {}), (student_layers, student_config)))
     return teacher.to(device).eval(), student.to(device).train()
 
 
@@ -133,7 +134,7 @@ def run_torch_peers(b: Bench, spec: ModelSpec, jax_lines: list[dict[str, Any]]
         cached = ref["name"] == "pkd_cached"
         batch = synthetic_batch(spec.config, batch_size, b.args.seq_len,
                                 cached_layers=len(layer_map))
-        teacher, student = _torch_models(spec, n, k, device)
+        teacher, student = _torch_models(spec, n, k, device, **student_overrides(b.args))
         for compiled in compile_modes:
             variant = "compiled" if compiled else "eager"
             log(f"torch: {ref['name']} {variant} on {device}")
@@ -146,7 +147,8 @@ def run_torch_peers(b: Bench, spec: ModelSpec, jax_lines: list[dict[str, Any]]
             times = timing.measure(step, warmup=b.args.warmup, repeats=b.args.repeats, sync=sync)
             line = b.step_line("torch", f"torch_{ref['name']}_{variant}", times, batch_size,
                                ref["flops_per_example"], framework="torch", model=spec.name,
-                               teacher_layers=n, student_layers=k, torch_device=str(device))
+                               teacher_layers=n, student_layers=k, torch_device=str(device),
+                               **student_overrides(b.args))
             if compiled:
                 line["compile_s"] = first_s - line["step_s_median"]
             line["jax_name"] = ref["name"]

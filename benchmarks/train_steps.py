@@ -9,8 +9,8 @@ from flax import nnx
 
 from benchmarks import torch_peer
 from benchmarks.common import (ALPHA, BETA, TEMPERATURE, Bench, ModelSpec, build_model, default_model, log,
-                               pkd_layer_map, resolve_model, student_depth, synthetic_batch, target,
-                               train_flops)
+                               pkd_layer_map, resolve_model, student_depth, student_overrides, synthetic_batch,
+                               target, train_flops)
 from pkd_jax import optim, partitioning, steps, timing
 
 # Targets of the project (reported next to the figures, never asserted).
@@ -31,7 +31,7 @@ def run_jax_steps(b: Bench, spec: ModelSpec, kinds: Iterable[str]) -> list[dict[
     partitioning.check_batch_size(batch_size, b.mesh)
     tx = optim.make_optimizer(learning_rate=2e-5, total_steps=10_000, warmup_steps=100)
     graphdef, state = steps.create_train_state(
-        build_model(spec, k, b.dtype, pretrained=True), tx, seed=0,
+        build_model(spec, k, b.dtype, pretrained=True, **student_overrides(args)), tx, seed=0,
         alpha=ALPHA, beta=BETA, temperature=TEMPERATURE)
     state = partitioning.place_state(state, b.mesh)
     teacher_graphdef = teacher_params = None
@@ -41,7 +41,7 @@ def run_jax_steps(b: Bench, spec: ModelSpec, kinds: Iterable[str]) -> list[dict[
         teacher_params = partitioning.place_state(teacher_params, b.mesh)
     batch = partitioning.shard_batch(synthetic_batch(spec.config, batch_size, args.seq_len,
                                                      cached_layers=len(layer_map)), b.mesh)
-    common = dict(framework="jax", model=spec.name, teacher_layers=n, student_layers=k)
+    common = dict(framework="jax", model=spec.name, teacher_layers=n, student_layers=k, **student_overrides(args))
     lines = []
     for kind in kinds:
         log(f"train: jax {kind} {spec.name} {n}->{k}, batch {batch_size}")

@@ -210,6 +210,25 @@ def test_torch_peer_loss_equals_jax_pkd_loss():
     assert torch_loss == pytest.approx(float(jax_loss), rel=1e-4)
 
 
+def test_student_attention_dropout_reaches_both_frameworks_students():
+    """--student-attention-dropout=0: the JAX and torch students (not the teachers) drop no attention."""
+    import torch
+
+    args = cli.parse_args(["train", "--student-attention-dropout=0"])
+    assert common.student_overrides(args) == {"attention_probs_dropout_prob": 0.0}
+    assert common.student_overrides(cli.parse_args(["train"])) == {}
+    for name in ("bert-tiny", "minilm-l6"):  # a random size, and a packaged checkpoint
+        spec = common.resolve_model(name, 4)
+        model = common.build_model(spec, 2, "float32", pretrained=True, **common.student_overrides(args))
+        teacher, student = torch_peer._torch_models(spec, 4, 2, torch.device("cpu"), **common.student_overrides(args))
+        assert model.config.attention_probs_dropout_prob == student.config.attention_probs_dropout_prob == 0.0
+        assert teacher.config.attention_probs_dropout_prob == spec.config.attention_probs_dropout_prob == 0.1
+        assert student.config.hidden_dropout_prob == model.config.hidden_dropout_prob == 0.1  # the rest kept
+    for bad in ("1", "-0.1"):
+        with pytest.raises(SystemExit):
+            cli.parse_args(["train", f"--student-attention-dropout={bad}"])
+
+
 def test_python_m_entry_point(tmp_path):
     """The documented command line, in a fresh process (one CPU device, a 1-layer student)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PKD_JAX_CACHE": str(tmp_path)}
@@ -247,7 +266,10 @@ def test_sweep_suite_compares_vmapped_with_sequential_students():
 def test_profile_traces_each_timed_step(tmp_path):
     """--profile DIR: a jax.profiler trace per step, holding the XLA ops of that step."""
     with contextlib.redirect_stdout(io.StringIO()):
-        results = cli.main(["train", *TINY, "--teacher=cached", "--profile", str(tmp_path), "--json"])
+        results = cli.main(["train", *TINY, "--teacher=cached", "--profile", str(tmp_path), "--json",
+                            "--student-attention-dropout=0"])
+    assert {line["framework"] for line in results} == {"jax", "torch"}
+    assert all(line["attention_probs_dropout_prob"] == 0.0 for line in results)  # recorded on every line
     jax_lines = [line for line in results if line["framework"] == "jax"]
     assert [line["name"] for line in jax_lines] == ["finetune", "pkd_cached"]
     for line in jax_lines:
