@@ -37,13 +37,9 @@ def sweep_points(g: int) -> list[sweep.Point]:
             for i in range(g)]
 
 
-def _time_vmapped(b: Bench, step, base, g: int, batch) -> tuple[list[float], float, dict[str, str]]:
-    """(step times, compile seconds, profile field) of one vmapped step of G stacked students."""
-    stacked = sweep.stack_students(base, sweep_points(g), b.mesh)
-    compiled, compile_s = timing.compile_ahead(sweep.compile_students_step(step, stacked, b.mesh),
-                                               stacked, None, batch)
-    chain = [stacked]  # donated: each call consumes the previous call's state
-    del stacked
+def _time_vmapped(b: Bench, compiled, chain: list, batch) -> tuple[list[float], dict[str, str]]:
+    """(step times, profile field) of one vmapped step of the stacked students in `chain`, a
+    list holding the only reference to them (donated: each call consumes the previous call's)."""
 
     def chunk():
         chain[0], metrics = compiled(chain[0], None, batch)
@@ -52,13 +48,12 @@ def _time_vmapped(b: Bench, step, base, g: int, batch) -> tuple[list[float], flo
     times = timing.measure(chunk, warmup=b.args.warmup, repeats=b.args.repeats)
     trace = b.profile("sweep", "vmapped", chunk)
     chain.clear()  # free the chunk's memory before the sequential students take theirs
-    return times, compile_s, trace
+    return times, trace
 
 
-def _time_sequential(b: Bench, step, base, g: int, batch) -> tuple[list[float], float, dict[str, str]]:
+def _time_sequential(b: Bench, compiled, base, g: int, batch) -> tuple[list[float], dict[str, str]]:
     """The same for G single-student steps, each student with its own state, one after another."""
     states = [partitioning.place_state(jax.tree.map(jnp.copy, base), b.mesh) for _ in range(g)]
-    compiled, compile_s = timing.compile_ahead(steps.compile_step(step, base, b.mesh), states[0], None, batch)
 
     def one_after_another():
         metrics = []
@@ -70,7 +65,7 @@ def _time_sequential(b: Bench, step, base, g: int, batch) -> tuple[list[float], 
     times = timing.measure(one_after_another, warmup=b.args.warmup, repeats=b.args.repeats)
     trace = b.profile("sweep", "sequential", one_after_another)
     states.clear()
-    return times, compile_s, trace
+    return times, trace
 
 
 def run_sweep(b: Bench) -> list[dict[str, Any]]:
@@ -92,14 +87,19 @@ def run_sweep(b: Bench) -> list[dict[str, Any]]:
     flops = g * train_flops(spec.config, k, None, args.seq_len)  # per example of the shared batch
     common = dict(framework="jax", model=spec.name, teacher_layers=n, student_layers=k, students=g)
 
-    lines = {}
-    for name, time_students, message in (
-            ("vmapped", _time_vmapped, f"{g} vmapped {spec.name} students {n}->{k}, batch {batch_size}"),
-            ("sequential", _time_sequential, f"the same {g} students one after another")):
-        log(f"sweep: {message}")
-        times, compile_s, trace = time_students(b, step, base, g, batch)
-        lines[name] = b.step_line("sweep", name, times, batch_size, flops, compile_s=compile_s,
-                                  **common, **trace)
+    chain = [sweep.stack_students(base, sweep_points(g), b.mesh)]
+    log("sweep: compiling the vmapped and the single-student step side by side")
+    (vmapped_fn, vmapped_s), (single_fn, single_s) = timing.compile_ahead_all([
+        (sweep.compile_students_step(step, chain[0], b.mesh), (chain[0], None, batch)),
+        (steps.compile_step(step, base, b.mesh), (base, None, batch))])
+    log(f"sweep: {g} vmapped {spec.name} students {n}->{k}, batch {batch_size}")
+    times, trace = _time_vmapped(b, vmapped_fn, chain, batch)
+    lines = {"vmapped": b.step_line("sweep", "vmapped", times, batch_size, flops, compile_s=vmapped_s,
+                                    **common, **trace)}
+    log(f"sweep: the same {g} students one after another")
+    times, trace = _time_sequential(b, single_fn, base, g, batch)
+    lines["sequential"] = b.step_line("sweep", "sequential", times, batch_size, flops, compile_s=single_s,
+                                      **common, **trace)
     sequential, vmapped = lines["sequential"], lines["vmapped"]
     for line in (sequential, vmapped):
         line["students_examples_per_s"] = g * batch_size / line["step_s_median"]

@@ -42,9 +42,8 @@ def run_jax_steps(b: Bench, spec: ModelSpec, kinds: Iterable[str]) -> list[dict[
     batch = partitioning.shard_batch(synthetic_batch(spec.config, batch_size, args.seq_len,
                                                      cached_layers=len(layer_map)), b.mesh)
     common = dict(framework="jax", model=spec.name, teacher_layers=n, student_layers=k, **student_overrides(args))
-    lines = []
+    plans = []  # (kind, jitted step, its arguments before the batch)
     for kind in kinds:
-        log(f"train: jax {kind} {spec.name} {n}->{k}, batch {batch_size}")
         if kind == "finetune":
             step = steps.make_finetune_step(graphdef, tx)
             extra: tuple = ()
@@ -53,8 +52,12 @@ def run_jax_steps(b: Bench, spec: ModelSpec, kinds: Iterable[str]) -> list[dict[
             step = steps.make_distill_step(graphdef, tx, layer_map=layer_map,
                                            teacher_graphdef=teacher_graphdef if online else None)
             extra = (teacher_params if online else None,)
-        jitted = steps.compile_step(step, state, b.mesh)
-        compiled, compile_s = timing.compile_ahead(jitted, state, *extra, batch)
+        plans.append((kind, steps.compile_step(step, state, b.mesh), extra))
+    log(f"train: compiling {', '.join(kind for kind, _, _ in plans)} side by side")
+    programs = timing.compile_ahead_all([(jitted, (state, *extra, batch)) for _, jitted, extra in plans])
+    lines = []
+    for (kind, _, extra), (compiled, compile_s) in zip(plans, programs):
+        log(f"train: jax {kind} {spec.name} {n}->{k}, batch {batch_size}")
         chain = [state]  # the state is donated: each call consumes the previous call's
 
         def once():

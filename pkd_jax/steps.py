@@ -11,9 +11,7 @@ loops or logs.
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
-import os
 from typing import Any, Callable, Iterable
 
 import flax.struct
@@ -23,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pkd_jax import bert, data, losses, partitioning
+from pkd_jax import bert, data, losses, partitioning, timing
 
 log = logging.getLogger(__name__)
 
@@ -250,25 +248,17 @@ class Precompiled:
 
 
 def compile_all(calls: Iterable[tuple[Precompiled, tuple]], threads: int | None = None) -> int:
-    """Compile each `(function, example args)` whose batch shape is new, side by side; returns
-    how many programs were compiled.
-
-    Lowering (tracing, Python) runs here one call at a time; XLA's compilation releases the GIL,
-    so the programs (a run's length buckets, its evaluation shapes) compile on a thread pool of
-    `threads` (default: one per program, at most the host's CPUs). On a GPU each program's
-    compilation takes seconds to tens of seconds, mostly on the host.
-    """
+    """Compile each `(function, example args)` whose batch shape is new, side by side
+    (`timing.compile_ahead_all`: a run's length buckets and evaluation shapes on a thread pool; on a
+    GPU each program's compilation takes seconds to tens of seconds, mostly on the host); returns
+    how many programs were compiled."""
     pending, seen = [], set()
     for fn, args in calls:
         key = fn._key(args[-1])
         if key not in fn.compiled and (id(fn), key) not in seen:
             seen.add((id(fn), key))
-            pending.append((fn, key, fn.jitted.lower(*args)))
-    if not pending:
-        return 0
-    workers = threads or min(len(pending), os.cpu_count() or 1)
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:
-        compiled = list(pool.map(lambda p: p[2].compile(), pending))
-    for (fn, key, _), program in zip(pending, compiled):
+            pending.append((fn, key, args))
+    programs = timing.compile_ahead_all([(fn.jitted, args) for fn, _, args in pending], threads)
+    for (fn, key, _), (program, _) in zip(pending, programs):
         fn.compiled[key] = program
     return len(pending)

@@ -7,8 +7,10 @@ figures are device time plus dispatch, never a queue of unfinished work.
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -29,9 +31,27 @@ def measure(run_once: Callable[[], Any], *, warmup: int, repeats: int,
 
 def compile_ahead(jitted, *args) -> tuple[Any, float]:
     """(the compiled function, seconds it took to lower and compile) for these arguments."""
-    start = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
-    return compiled, time.perf_counter() - start
+    return compile_ahead_all([(jitted, args)])[0]
+
+
+def compile_ahead_all(calls: Sequence[tuple[Any, tuple]], threads: int | None = None) -> list[tuple[Any, float]]:
+    """`compile_ahead` of each `(jitted, args)`: lowered one after another (tracing is Python),
+    then compiled side by side on a thread pool of `threads` (default: one per call, at most the
+    host's CPUs), as XLA's compilation releases the GIL. A call's seconds are its own lowering plus
+    the wall time of its compilation, which overlaps the others'."""
+    lowered = []
+    for jitted, args in calls:
+        start = time.perf_counter()
+        lowered.append((jitted.lower(*args), time.perf_counter() - start))
+
+    def compile_one(item):
+        program, lower_s = item
+        start = time.perf_counter()
+        return program.compile(), lower_s + time.perf_counter() - start
+
+    workers = threads or max(1, min(len(lowered), os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:
+        return list(pool.map(compile_one, lowered))
 
 
 def random_inputs(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
