@@ -199,8 +199,9 @@ def _steps_device_seconds(arg: str, fields: dict) -> dict[str, Any]:
     jitted = steps.compile_step(s.make_step(graphdef, tx, feed.graphdef), state, s.mesh, fsdp=s.fsdp)
     lengths = data.step_lengths(s.train_tok, config.batch_size, config.seed, 0, s.total_steps, bucket=config.bucket)
     by_length = {}
-    for batch in s.example_batches(0, feed):
-        compiled, _ = timing.compile_ahead(jitted, state, feed.params, batch)
+    batches = s.example_batches(0, feed)  # one per length bucket, compiled side by side
+    programs = timing.compile_ahead_all([(jitted, (state, feed.params, batch)) for batch in batches])
+    for batch, (compiled, _) in zip(batches, programs):
         chain = [state]
 
         def once():
