@@ -20,7 +20,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
-from scipy import stats as sps
 
 HOLDS, REVERSED, NOT_SHOWN = "holds", "reversed", "not shown"
 
@@ -62,10 +61,16 @@ def _scores(values, what: str, seeds: list | None = None) -> np.ndarray:
     return x
 
 
+def _student_t():
+    from scipy.stats import t  # here: importing scipy.stats costs every run.py 1.2 s
+
+    return t
+
+
 def _quantile(n: int, confidence: float) -> float:
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
-    return float(sps.t.ppf((1.0 + confidence) / 2.0, n - 1))
+    return float(_student_t().ppf((1.0 + confidence) / 2.0, n - 1))
 
 
 def summary(values, confidence: float = 0.95) -> Summary:
@@ -124,7 +129,7 @@ def paired(a, b, confidence: float = 0.95) -> Paired:
     if s.sem == 0.0:
         p = 1.0 if s.mean == 0.0 else 0.0
     else:
-        p = float(2.0 * sps.t.sf(abs(s.mean / s.sem), s.n - 1))
+        p = float(2.0 * _student_t().sf(abs(s.mean / s.sem), s.n - 1))
     return Paired(s.n, s.mean, s.ci_low, s.ci_high, p, _verdict(s.ci_low, s.ci_high))
 
 
