@@ -32,7 +32,9 @@ ARGS = "task=rte,model=minilm-l6,layers=2,glue_dir={glue},runlocal"  # 30 steps;
 
 def _config(glue_dir, **fields):
     c = finetune.get_config(ARGS.format(glue=glue_dir))
-    c.progress, c.predict_test = False, False
+    # One batch shape, one compilation per step program: resuming a bucketed run is the subprocess
+    # test's (_cmd keeps the buckets).
+    c.progress, c.predict_test, c.bucket = False, False, False
     for k, v in fields.items():
         c[k] = v
     return c
@@ -135,7 +137,7 @@ def _teacher_folder(path: Path, tokenizer, hidden=384):
 
 def _distill_config(glue_dir, teacher, **fields):
     c = pkd.get_config(f"task=rte,teacher={teacher},model=minilm-l6,layers=2,glue_dir={glue_dir},runlocal")
-    c.progress, c.predict_test, c.max_steps, c.eval_every_steps = False, False, 4, 0
+    c.progress, c.predict_test, c.max_steps, c.eval_every_steps, c.bucket = False, False, 4, 0, False
     for k, v in fields.items():
         c[k] = v
     return c

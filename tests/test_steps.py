@@ -132,11 +132,11 @@ def test_step_compiles_once(minilm_dir, teacher, batches):
     traces = []
     inner = steps.make_distill_step(graphdef, tx, layer_map=LAYER_MAP, teacher_graphdef=teacher[0])
 
-    def counted(*args):
+    def step(*args):  # named as the inner step, so its program is the `replicated` run's, cached
         traces.append(1)  # runs only while tracing
         return inner(*args)
 
-    fn = steps.compile_step(counted, state, mesh)
+    fn = steps.compile_step(step, state, mesh)
     state, teacher_params = partitioning.place_state(state, mesh), partitioning.place_state(teacher[1], mesh)
     for batch in batches:
         state, _ = fn(state, teacher_params, partitioning.shard_batch(batch, mesh))
