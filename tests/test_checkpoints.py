@@ -106,6 +106,18 @@ def test_fresh_classifier_depends_on_seed(minilm_dir):
     np.testing.assert_array_equal(a.bert.pooler.dense.kernel[...], b.bert.pooler.dense.kernel[...])
 
 
+def test_models_of_one_config_share_no_state(minilm_dir):
+    """load_pretrained caches the abstract model per config: each call still builds its own
+    variables, so training or editing one model leaves the next one loaded untouched."""
+    a = checkpoints.load_pretrained(minilm_dir, num_layers=1, label_names=["negative", "positive"])
+    kernel = np.asarray(a.bert.pooler.dense.kernel[...])
+    a.bert.pooler.dense.kernel.set_value(jnp.zeros_like(kernel))
+    b = checkpoints.load_pretrained(minilm_dir, num_layers=1, label_names=("negative", "positive"))
+    assert b.bert.pooler.dense.kernel is not a.bert.pooler.dense.kernel
+    np.testing.assert_array_equal(b.bert.pooler.dense.kernel[...], kernel)
+    assert a.config == b.config and b.config.label_names == ("negative", "positive")  # a list is a tuple
+
+
 @pytest.mark.parametrize("num_labels,num_layers,seed", [(2, 3, 0), (1, 2, 4), (3, 6, 1)])
 def test_fresh_classifier_is_the_one_a_random_model_of_that_seed_draws(minilm_dir, num_labels, num_layers, seed):
     """load_pretrained builds shapes only and draws just the head: the same values, bit for bit, as
