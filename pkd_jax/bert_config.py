@@ -65,8 +65,8 @@ class BertConfig:
             raise ValueError(f"attention_impl={self.attention_impl!r}: use auto, xla or cudnn")
         if self.label_names is not None:  # a tuple, so that a config is hashable (and immutable)
             object.__setattr__(self, "label_names", tuple(self.label_names))
-        if self.label_names is not None and len(self.label_names) != self.num_labels:
-            raise ValueError(f"{len(self.label_names)} label_names for num_labels={self.num_labels}")
+            if len(self.label_names) != self.num_labels:
+                raise ValueError(f"{len(self.label_names)} label_names for num_labels={self.num_labels}")
 
     @classmethod
     def from_hf(cls, hf: Any, **overrides) -> "BertConfig":
