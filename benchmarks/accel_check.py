@@ -143,11 +143,15 @@ def _teacher_folder(folder: Path, smoke: bool, tokenizer: str) -> Path:
     return checkpoints.save_pretrained(model, folder, checkpoints.load_tokenizer(tokenizer))
 
 
+def _loop_cache_dir(args) -> Path:
+    return args.out / "loop" / "cache"
+
+
 def _loop_config(args, teacher: Path):
     """The configs/pkd.py run of the loop stage, as config fields and as run.py flags."""
     layers = 2 if args.smoke else 6
     fields = {"num_epochs": 1.0, "batch_size": 32, "max_seq_length": 32 if args.smoke else 128,
-              "predict_test": False, "progress": False, "cache_dir": str(args.out / "loop" / "cache")}
+              "predict_test": False, "progress": False, "cache_dir": str(_loop_cache_dir(args))}
     if args.smoke:  # bf16 end to end on a CPU as well
         fields.update(train_examples=320, eval_examples=64, dtype="bfloat16", checkpoint_every_steps=5)
     arg = f"task=sst2,teacher={teacher},model={teacher},layers={layers},strategy=skip,glue_dir={args.glue_dir}"
@@ -174,6 +178,7 @@ def run_loop(args, env) -> dict[str, Any]:
     return {"ok": True, "wall_seconds": wall, **timing, "train_seconds": results["train_seconds"],
             "eval_save_seconds": timing["loop_seconds"] - results["train_seconds"],
             "steps": results["total_steps"], "steps_device_seconds": step_s["total"], "by_length": step_s["by_length"],
+            "step_programs_from_cache": step_s["from_cache"],
             "overhead": timing["loop_seconds"] / step_s["total"] - 1,
             "steps_overhead": results["train_seconds"] / step_s["total"] - 1,
             "projected_4_epochs_seconds": wall - timing["loop_seconds"] + 4 * timing["loop_seconds"],
@@ -200,7 +205,17 @@ def _steps_device_seconds(arg: str, fields: dict) -> dict[str, Any]:
     lengths = data.step_lengths(s.train_tok, config.batch_size, config.seed, 0, s.total_steps, bucket=config.bucket)
     by_length = {}
     batches = s.example_batches(0, feed)  # one per length bucket, compiled side by side
-    programs = timing.compile_ahead_all([(jitted, (state, feed.params, batch)) for batch in batches])
+    hits = []  # programs read back from run.py's compilation cache instead of compiled again
+
+    def on_event(event, **_):
+        if event == "/jax/compilation_cache/cache_hits":
+            hits.append(event)
+
+    jax.monitoring.register_event_listener(on_event)
+    try:
+        programs = timing.compile_ahead_all([(jitted, (state, feed.params, batch)) for batch in batches])
+    finally:
+        jax.monitoring.unregister_event_listener(on_event)
     for batch, (compiled, _) in zip(batches, programs):
         chain = [state]
 
@@ -213,7 +228,8 @@ def _steps_device_seconds(arg: str, fields: dict) -> dict[str, Any]:
         n = batch["input_ids"].shape[1]
         by_length[n] = {"steps": int(np.sum(lengths == n)), "step_seconds": seconds}
     jax.clear_caches()
-    return {"total": sum(v["steps"] * v["step_seconds"] for v in by_length.values()), "by_length": by_length}
+    return {"total": sum(v["steps"] * v["step_seconds"] for v in by_length.values()), "by_length": by_length,
+            "from_cache": len(hits)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,6 +336,11 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     # The PyTorch peer shares this process's GPU (and the tests' process theirs): no preallocation.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    # The loop stage times its run's train steps in this process: sharing run.py's compilation
+    # cache (its cache_dir/xla), each length bucket's program is read back, not compiled again.
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(_loop_cache_dir(args) / "xla"))
     env = {**os.environ, "PKD_JAX_ACCEL_SMOKE": "1" if args.smoke else "0", "HF_HUB_OFFLINE": "1"}
     report: dict[str, Any] = {"smoke": args.smoke, "command": "python -m benchmarks.accel_check "
                               + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -34,6 +34,8 @@ def test_smoke_run_passes_and_reports_every_stage(glue_dir, tmp_path):
     loop = report["loop"]
     assert loop["ok"] and loop["steps"] == 10 and loop["steps_device_seconds"] > 0
     assert sum(v["steps"] for v in loop["by_length"].values()) == 10
+    # Its steps are timed with the programs run.py compiled (read from its cache), not compiled twice.
+    assert loop["step_programs_from_cache"] == len(loop["by_length"])
     # The loop's time splits into its steps and its evaluation and saving; every stage is timed.
     assert 0 < loop["train_seconds"] < loop["loop_seconds"]
     assert loop["train_seconds"] + loop["eval_save_seconds"] == pytest.approx(loop["loop_seconds"])

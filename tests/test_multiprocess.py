@@ -1,7 +1,10 @@
 """Multi-process, the way TPU pods and multi-GPU nodes run: 2 processes x 2 CPU devices on localhost
 (jax.distributed + CPU collectives) train the same steps to the same loss as 1 process x 4 devices,
 save a checkpoint, and resume from it. Only process 0 writes: one metric log without repeated
-lines, one TensorBoard stream, one export, equal to the single process's."""
+lines, one TensorBoard stream, one export, equal to the single process's.
+
+On CPU each process compiles every program itself: JAX hashes a per-process topology into the
+cache key and only process 0 writes the compilation cache. So these runs use one batch shape."""
 
 import json
 import os
@@ -26,7 +29,7 @@ def _args(glue_dir, workdir, config=None):
     return [sys.executable, "run.py", f"--config={config}",
             f"--workdir={workdir}", "--config.progress=False", "--config.predict_test=False",
             "--config.max_steps=6", "--config.checkpoint_every_steps=3", "--config.eval_every_steps=6",
-            "--config.log_every_steps=1"]
+            "--config.log_every_steps=1", "--config.bucket=False"]
 
 
 def _free_port() -> int:
