@@ -304,6 +304,11 @@ def student_overrides(args: argparse.Namespace) -> dict[str, float]:
     return {} if p is None else {"attention_probs_dropout_prob": p}
 
 
+def student_attention_dropout(spec: ModelSpec, args: argparse.Namespace) -> float:
+    """The students' attention dropout: asked for, or the model's (recorded on every step line)."""
+    return student_overrides(args).get("attention_probs_dropout_prob", spec.config.attention_probs_dropout_prob)
+
+
 def student_depth(args: argparse.Namespace, spec: ModelSpec) -> int:
     return args.student_layers or max(1, spec.teacher_layers // 2)
 

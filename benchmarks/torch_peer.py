@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from benchmarks.common import (ALPHA, BETA, NUM_LABELS, TEMPERATURE, Bench, ModelSpec, log, pkd_layer_map,
-                               student_overrides, synthetic_batch, target)
+                               student_attention_dropout, student_overrides, synthetic_batch, target)
 from pkd_jax import checkpoints, data, timing
 
 
@@ -148,7 +148,7 @@ def run_torch_peers(b: Bench, spec: ModelSpec, jax_lines: list[dict[str, Any]]
             line = b.step_line("torch", f"torch_{ref['name']}_{variant}", times, batch_size,
                                ref["flops_per_example"], framework="torch", model=spec.name,
                                teacher_layers=n, student_layers=k, torch_device=str(device),
-                               **student_overrides(b.args))
+                               attention_probs_dropout_prob=student_attention_dropout(spec, b.args))
             if compiled:
                 line["compile_s"] = first_s - line["step_s_median"]
             line["jax_name"] = ref["name"]

@@ -9,8 +9,8 @@ from flax import nnx
 
 from benchmarks import torch_peer
 from benchmarks.common import (ALPHA, BETA, TEMPERATURE, Bench, ModelSpec, build_model, default_model, log,
-                               pkd_layer_map, resolve_model, student_depth, student_overrides, synthetic_batch,
-                               target, train_flops)
+                               pkd_layer_map, resolve_model, student_attention_dropout, student_depth,
+                               student_overrides, synthetic_batch, target, train_flops)
 from pkd_jax import optim, partitioning, steps, timing
 
 # Targets of the project (reported next to the figures, never asserted).
@@ -41,7 +41,8 @@ def run_jax_steps(b: Bench, spec: ModelSpec, kinds: Iterable[str]) -> list[dict[
         teacher_params = partitioning.place_state(teacher_params, b.mesh)
     batch = partitioning.shard_batch(synthetic_batch(spec.config, batch_size, args.seq_len,
                                                      cached_layers=len(layer_map)), b.mesh)
-    common = dict(framework="jax", model=spec.name, teacher_layers=n, student_layers=k, **student_overrides(args))
+    common = dict(framework="jax", model=spec.name, teacher_layers=n, student_layers=k,
+                  attention_probs_dropout_prob=student_attention_dropout(spec, args))
     plans = []  # (kind, jitted step, its arguments before the batch)
     for kind in kinds:
         if kind == "finetune":

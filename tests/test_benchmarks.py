@@ -99,6 +99,9 @@ def test_train_suite_times_three_steps_and_the_peer(run_all):
         assert peer["flops_per_example"] == jax_line["flops_per_example"]
     (target,) = peers["torch_pkd_online_eager"]["targets"]
     assert (target["op"], target["target"], target["aim"]) == (">=", 1.0, 1.3)
+    # Every line states its students' attention dropout: here the model's own.
+    assert {line["attention_probs_dropout_prob"] for line in [*train_lines.values(), *peers.values()]} == {
+        config.attention_probs_dropout_prob} == {0.1}
 
 
 def test_efficiency_table(run_all):
@@ -217,6 +220,7 @@ def test_student_attention_dropout_reaches_both_frameworks_students():
     args = cli.parse_args(["train", "--student-attention-dropout=0"])
     assert common.student_overrides(args) == {"attention_probs_dropout_prob": 0.0}
     assert common.student_overrides(cli.parse_args(["train"])) == {}
+    assert common.student_attention_dropout(common.resolve_model("bert-tiny", 4), args) == 0.0  # on the lines
     for name in ("bert-tiny", "minilm-l6"):  # a random size, and a packaged checkpoint
         spec = common.resolve_model(name, 4)
         model = common.build_model(spec, 2, "float32", pretrained=True, **common.student_overrides(args))
@@ -266,10 +270,8 @@ def test_sweep_suite_compares_vmapped_with_sequential_students():
 def test_profile_traces_each_timed_step(tmp_path):
     """--profile DIR: a jax.profiler trace per step, holding the XLA ops of that step."""
     with contextlib.redirect_stdout(io.StringIO()):
-        results = cli.main(["train", *TINY, "--teacher=cached", "--profile", str(tmp_path), "--json",
-                            "--student-attention-dropout=0"])
+        results = cli.main(["train", *TINY, "--teacher=cached", "--profile", str(tmp_path), "--json"])
     assert {line["framework"] for line in results} == {"jax", "torch"}
-    assert all(line["attention_probs_dropout_prob"] == 0.0 for line in results)  # recorded on every line
     jax_lines = [line for line in results if line["framework"] == "jax"]
     assert [line["name"] for line in jax_lines] == ["finetune", "pkd_cached"]
     for line in jax_lines:
