@@ -37,12 +37,9 @@ def split_calls(logits_fn: steps.Precompiled, params, tok: data.Tokenized, mesh,
                 batch_size: int) -> Iterator[tuple[steps.Precompiled, tuple]]:
     """`(logits_fn, example args)` for each batch shape of `tok`'s evaluation: what
     `steps.compile_all` compiles ahead of the loop."""
-    shapes = set()
-    for batch in data.eval_batches(tok, batch_size):
-        inputs = {k: batch[k] for k in data.MODEL_INPUTS}
-        shape = inputs["input_ids"].shape
-        if shape not in shapes and not logits_fn.has(inputs):
-            shapes.add(shape)
+    for length in data.eval_lengths(tok, batch_size):
+        inputs = {k: np.zeros((batch_size, length), np.int32) for k in data.MODEL_INPUTS}  # the shape counts
+        if not logits_fn.has(inputs):
             yield logits_fn, (params, partitioning.shard_batch(inputs, mesh))
 
 
@@ -67,8 +64,10 @@ def predict_test(setup, model_dir: Path, out_dir: Path, lead: bool) -> list[str]
     config = setup.config
     multihost_utils.sync_global_devices("model exported")
     graphdef, params = nnx.split(checkpoints.load_pretrained(model_dir, dtype=setup.dtype), nnx.Param)
-    logits_fn = jax.jit(steps.make_logits_fn(graphdef))
+    logits_fn = steps.Precompiled(jax.jit(steps.make_logits_fn(graphdef)), "test predictions")
     params = partitioning.place_state(params, setup.mesh, setup.fsdp)
+    steps.compile_all(call for tok in setup.test_toks.values()  # every split's shapes, side by side
+                      for call in split_calls(logits_fn, params, tok, setup.mesh, config.eval_batch_size))
     written = []
     for split, tok in setup.test_toks.items():
         preds = metrics.predictions_from_logits(

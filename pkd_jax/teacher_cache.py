@@ -46,7 +46,7 @@ from jax.sharding import Mesh
 from jax.typing import DTypeLike
 from tqdm import tqdm
 
-from pkd_jax import bert, data, fsutil, partitioning
+from pkd_jax import bert, data, evaluate, fsutil, partitioning, steps
 
 FORMAT_VERSION = 3  # bump when the stored arrays' meaning changes (3: features of a chosen kind)
 log = logging.getLogger(__name__)
@@ -143,7 +143,6 @@ def _load(entry: Path, key: str, num_examples: int, layer_map: tuple[int, ...],
 # ============================================================================================
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "layer_map", "features", "features_dtype"))
 def _teacher_outputs(graphdef, params, inputs, *, layer_map: tuple[int, ...], features: str,
                      features_dtype: np.dtype) -> tuple[jax.Array, jax.Array]:
     """float32 logits [B, C] and the mapped layers' features [B, M, H] in ``features_dtype``."""
@@ -179,11 +178,16 @@ def _compute(graphdef, params, tokenized: data.Tokenized, layer_map: tuple[int, 
     folder. Returns the arrays' dtypes and shapes.
     """
     params = _on_mesh(params, mesh)
-    run = functools.partial(_teacher_outputs, graphdef, layer_map=layer_map, features=features,
-                            features_dtype=features_dtype)
+    jitted = jax.jit(functools.partial(_teacher_outputs, graphdef, layer_map=layer_map, features=features,
+                                       features_dtype=features_dtype))
     spec = {k: jax.ShapeDtypeStruct((batch_size, tokenized.max_seq_length), jnp.int32)
             for k in data.MODEL_INPUTS}
-    logits_spec, features_spec = jax.eval_shape(run, params, spec)
+    logits_spec, features_spec = jax.eval_shape(jitted, params, spec)
+    # Every length bucket's program compiled side by side before the pass, not one after another
+    # as the sorted batches reach each length (on a GPU each takes seconds, mostly on the host).
+    run, start = steps.Precompiled(jitted, "teacher outputs"), time.perf_counter()
+    compiled = steps.compile_all(evaluate.split_calls(run, params, tokenized, mesh, batch_size))
+    log.info("compiled the teacher's forward for %d batch shape(s) in %.1f s", compiled, time.perf_counter() - start)
     n = len(tokenized)
     shapes = {"logits": (np.dtype(np.float32), (n, logits_spec.shape[1])),
               "features": (features_dtype, (n, *features_spec.shape[1:]))}

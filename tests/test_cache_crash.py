@@ -30,7 +30,7 @@ KILLS = [
     "tokenized:rename:publish:before",  # complete, not yet renamed into place
     "tokenized:rename:publish:after",  # published: the next run reuses it
     "teacher:memmap:features.npy:after",  # both arrays allocated, no rows yet
-    "teacher:batch:4:before",  # the first batch's rows written (call 1 is the shape check)
+    "teacher:batch:3:before",  # the first batch's rows written, the second's forward dispatched
     "teacher:write:manifest.json:inside",
     "teacher:rename:publish:before",
     "teacher:rename:publish:after",

@@ -777,6 +777,10 @@ def test_eval_batches_cover_every_example_once(bucket, regression):
         assert {b["input_ids"].shape for b in batches} == {(B, 128)}
     else:
         assert {b["input_ids"].shape[1] for b in batches} <= {32, 64, 96, 128}
+    # What an evaluation pass compiles for before it starts: its batches' lengths, none built.
+    lengths = data.eval_lengths(tok, B, bucket=bucket)
+    assert lengths == tuple(sorted({b["input_ids"].shape[1] for b in batches}))
+    assert len(lengths) == (4 if bucket else 1), lengths
 
 
 def test_real_batches_from_sst2(tokenizer, tmp_path):

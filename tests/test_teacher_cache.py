@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pkd_jax import bert, checkpoints, data, partitioning, teacher_cache
+from pkd_jax import bert, checkpoints, data, partitioning, steps, teacher_cache
 from pkd_jax.data import tokenization
 
 N = 40  # RTE dev rows: 3 batches of 16, the last one padded with weight-0 rows
@@ -120,6 +120,7 @@ def test_second_call_reuses_without_running_the_teacher(built, teacher, tok, mes
 
     monkeypatch.setattr(teacher_cache, "_teacher_outputs", no_teacher)
     monkeypatch.setattr(data, "eval_batches", no_teacher)
+    monkeypatch.setattr(data, "eval_lengths", no_teacher)
     # A graphdef that cannot run a forward at all: only the params' values form the key.
     again = teacher_cache.build_or_load(None, teacher[1], tok, LAYER_MAP, mesh=mesh,
                                         batch_size=BATCH, cache_dir=built.path.parent,
@@ -267,20 +268,23 @@ def test_partial_entries_are_rebuilt(built, teacher, tok, mesh, tmp_path, direct
     assert _build(teacher, tok, mesh, tmp_path).reused
 
 
-def test_interrupted_build_leaves_no_entry(teacher, tok, mesh, tmp_path, monkeypatch):
-    real = teacher_cache._teacher_outputs
-    calls = []
+def test_interrupted_build_leaves_no_entry(teacher, rte, tokenizer, mesh, tmp_path, monkeypatch):
+    tok = data.tokenize(rte, tokenizer, 128)  # batches of two lengths
+    real, compiled_at_first_batch = steps.Precompiled.__call__, []
 
-    def dies_mid_build(*args, **kwargs):  # call 1 is the shape check, 2 and 3 the first batches
-        calls.append(1)
-        if len(calls) == 3:
+    def dies_mid_build(self, *args):  # the forward of each batch
+        compiled_at_first_batch.append(len(self.compiled))
+        if len(compiled_at_first_batch) == 2:
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return real(self, *args)
 
-    monkeypatch.setattr(teacher_cache, "_teacher_outputs", dies_mid_build)
+    monkeypatch.setattr(steps.Precompiled, "__call__", dies_mid_build)
     with pytest.raises(KeyboardInterrupt):
         _build(teacher, tok, mesh, tmp_path)
     assert list(tmp_path.iterdir()) == []  # neither an entry nor a leftover temporary folder
+    # Every length bucket was compiled before the first batch ran.
+    lengths = data.eval_lengths(tok, BATCH)
+    assert compiled_at_first_batch[0] == len(lengths) == 2, lengths
 
 
 def test_single_layer_student_stores_empty_cls(teacher, tok, mesh, tmp_path, direct):

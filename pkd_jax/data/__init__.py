@@ -13,7 +13,7 @@ This package is the only part of pkd_jax that imports ``datasets``, ``tensorflow
 ``tokenizers``.
 """
 
-from pkd_jax.data.batches import (MODEL_INPUTS, Prefetcher, bucket_sizes, eval_batches,
+from pkd_jax.data.batches import (MODEL_INPUTS, Prefetcher, bucket_sizes, eval_batches, eval_lengths,
                                   step_lengths, prefetch, steps_per_epoch, train_batches)
 from pkd_jax.data.glue import (GlueFormatError, check_trainable, from_hf_glue, from_tfds_glue,
                                glue_file, load_split, write_glue_predictions)
@@ -21,7 +21,7 @@ from pkd_jax.data.tasks import TASKS, TaskSpec, check_split, dev_split, get_task
 from pkd_jax.data.tokenization import Tokenized, cache_root, default_cache_dir, tokenize
 
 __all__ = [
-    "MODEL_INPUTS", "Prefetcher", "bucket_sizes", "eval_batches",
+    "MODEL_INPUTS", "Prefetcher", "bucket_sizes", "eval_batches", "eval_lengths",
     "step_lengths", "prefetch", "steps_per_epoch",
     "train_batches", "GlueFormatError", "check_trainable", "from_hf_glue", "from_tfds_glue",
     "glue_file", "load_split", "write_glue_predictions", "TASKS", "TaskSpec", "check_split", "dev_split", "get_task",

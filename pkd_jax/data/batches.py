@@ -135,11 +135,25 @@ def eval_batches(tok: Tokenized, batch_size: int, *, bucket: bool = True,
     The last batch is filled up to ``batch_size`` with rows of weight 0 (all padding, index 0).
     With ``bucket`` the rows are ordered by length, so use ``batch["index"]`` to map outputs back.
     """
+    for rows, length in _eval_plan(tok, batch_size, bucket, buckets):
+        yield _make_batch(tok, rows, length, batch_size)
+
+
+def eval_lengths(tok: Tokenized, batch_size: int, *, bucket: bool = True,
+                 buckets: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The distinct padded lengths of ``eval_batches``' batches, ascending, without building them:
+    the shapes to compile an evaluation pass for before it starts."""
+    return tuple(sorted({length for _, length in _eval_plan(tok, batch_size, bucket, buckets)}))
+
+
+def _eval_plan(tok: Tokenized, batch_size: int, bucket: bool,
+               buckets: Sequence[int] | None) -> Iterator[tuple[np.ndarray, int]]:
+    """(rows, padded length) of each evaluation batch."""
     sizes = bucket_sizes(tok.max_seq_length, buckets) if bucket else (tok.max_seq_length,)
     order = np.argsort(tok.lengths, kind="stable") if bucket else np.arange(len(tok))
     for start in range(0, len(tok), batch_size):
         rows = order[start:start + batch_size]
-        yield _make_batch(tok, rows, _batch_length(tok, rows, sizes), batch_size)
+        yield rows, _batch_length(tok, rows, sizes)
 
 
 # --------------------------------------------------------------------------------------------
