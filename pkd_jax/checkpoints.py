@@ -302,13 +302,23 @@ def _fresh_classifier(model: BertForSequenceClassification, dtype, param_dtype, 
 
 
 def load_tokenizer(path_or_name):
-    """The fast tokenizer stored with a model (HF folder, known name or hub name)."""
-    from transformers import AutoTokenizer
+    """The fast tokenizer stored with a model (HF folder, known name or hub name).
+
+    A BERT tokenizer (the `tokenizer_class` of BERT checkpoints, or none named) is loaded by its
+    own class: `AutoTokenizer` reads the model's config through transformers' configuration
+    module, which imports torch wherever it is installed (2.4 s of every run's start-up on this
+    project's CPU machine, more with a CUDA build). Other classes go through `AutoTokenizer`.
+    """
+    import transformers
 
     folder = resolve(path_or_name)
     if not any((folder / f).exists() for f in _TOKENIZER_FILES):
         raise CheckpointError(f"{folder}: no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
-    return AutoTokenizer.from_pretrained(str(folder), use_fast=True)
+    settings = folder / "tokenizer_config.json"
+    named = json.loads(settings.read_text()).get("tokenizer_class") if settings.exists() else None
+    if named in (None, "BertTokenizer", "BertTokenizerFast"):
+        return transformers.BertTokenizerFast.from_pretrained(str(folder))
+    return transformers.AutoTokenizer.from_pretrained(str(folder), use_fast=True)
 
 
 def state_dict(model: BertForSequenceClassification) -> dict[str, np.ndarray]:
@@ -325,8 +335,8 @@ def save_pretrained(model: BertForSequenceClassification, path, tokenizer=None, 
     (with a fresh head). The folder is staged beside the target and renamed into place
     (`fsutil.staged_dir`), so an interrupted save never leaves a half-written model where a good one was.
     """
+    import transformers
     from safetensors.numpy import save_file
-    from transformers import BertConfig as HFBertConfig
 
     path = Path(path)
     tensors, hf_config = state_dict(model), model.config.to_hf_dict()
@@ -337,7 +347,10 @@ def save_pretrained(model: BertForSequenceClassification, path, tokenizer=None, 
         hf_config["architectures"] = ["BertModel"]
     try:
         with fsutil.staged_dir(path) as tmp:
-            HFBertConfig(**hf_config).save_pretrained(tmp)
+            # Written as transformers writes it (sorted keys, indent 2), not through its BertConfig,
+            # whose module imports torch; keys left out take transformers' defaults (tested).
+            config_json = {**hf_config, "transformers_version": transformers.__version__}
+            (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
             save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
             source = getattr(model, "name_or_path", None)
             if tokenizer is None and source and any((Path(source) / f).exists() for f in _TOKENIZER_FILES):

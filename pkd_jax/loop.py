@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -203,6 +204,21 @@ class _MetricsWindow:
         return host, elapsed, steps
 
 
+def _summary_writer():
+    """tensorboardX's SummaryWriter, imported without torch. Its writer module imports torch
+    wherever torch is installed, only to accept torch tensors (we log floats); that import took
+    1.2-2.4 s on this project's CPU machine, in the loop, where the first metrics are written."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]  # torch stays importable for the rest of the process
+    return SummaryWriter
+
+
 class MetricsLog:
     """metrics.jsonl, TensorBoard events and a progress bar; a no-op unless `enabled` (process 0).
 
@@ -239,11 +255,9 @@ class MetricsLog:
 
     def _writer(self, stream: str | None):
         if stream not in self.writers:
-            from tensorboardX import SummaryWriter
-
             folder = self.workdir / "tensorboard"
             # A resumed run: TensorBoard drops the killed run's events from `start` on, as metrics.jsonl does.
-            self.writers[stream] = SummaryWriter(str(folder / stream if stream else folder),
+            self.writers[stream] = _summary_writer()(str(folder / stream if stream else folder),
                                                  purge_step=self.start or None)
         return self.writers[stream]
 

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import subprocess
 import sys
 
 import jax
@@ -43,6 +44,9 @@ def test_export_loads_in_transformers_with_identical_logits(minilm_dir, enc, tmp
     out = checkpoints.save_pretrained(model, tmp_path / "export")
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["BertForSequenceClassification"] and len(config["id2label"]) == 3
+    # The file means to transformers what its own BertConfig of the same fields writes.
+    assert (transformers.BertConfig.from_pretrained(str(out)).to_dict()
+            == transformers.BertConfig(**model.config.to_hf_dict()).to_dict())
     hf, info = transformers.BertForSequenceClassification.from_pretrained(str(out), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     np.testing.assert_allclose(_torch_logits(hf.eval(), enc), _logits(model, enc), atol=1e-5)
@@ -253,3 +257,33 @@ def test_save_replaces_an_existing_export_whole(minilm_dir, tmp_path):
     checkpoints.save_pretrained(checkpoints.load_pretrained(minilm_dir, num_layers=1), target)
     assert not (target / "stale.txt").exists() and (target / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary folders left behind
+
+
+def test_a_tokenizer_of_another_class_loads_through_auto_tokenizer(minilm_dir, tmp_path):
+    folder = _copy(minilm_dir, tmp_path)
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    assert type(checkpoints.load_tokenizer(folder)) is transformers.BertTokenizerFast  # BERT's own: direct
+    (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "tokenizer_class": "DistilBertTokenizer"}))
+    assert type(checkpoints.load_tokenizer(folder)).__name__ == "DistilBertTokenizer"
+
+
+def test_loading_tokenising_exporting_and_logging_never_import_torch(minilm_dir, tmp_path):
+    """Users with torch installed (every GPU machine with PyTorch) would pay its import in each
+    run: transformers' configuration module and tensorboardX import it when it is there."""
+    code = f"""
+import sys
+from pathlib import Path
+from pkd_jax import checkpoints, loop
+tokenizer = checkpoints.load_tokenizer({str(minilm_dir)!r})
+assert tokenizer("a test")["input_ids"][0] == tokenizer.cls_token_id
+model = checkpoints.load_pretrained({str(minilm_dir)!r}, num_labels=2, num_layers=1)
+checkpoints.save_pretrained(model, Path({str(tmp_path)!r}) / "export", tokenizer)
+log = loop.MetricsLog(Path({str(tmp_path)!r}), start=0, total=1, enabled=True, progress=False, desc="test")
+log.write(1, "train", {{"loss": 0.5}})
+log.close()
+assert "torch" not in sys.modules, "torch was imported"
+import torch  # and it still can be
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
