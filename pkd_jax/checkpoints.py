@@ -306,8 +306,8 @@ def load_tokenizer(path_or_name):
 
     A BERT tokenizer (the `tokenizer_class` of BERT checkpoints, or none named) is loaded by its
     own class: `AutoTokenizer` reads the model's config through transformers' configuration
-    module, which imports torch wherever it is installed (2.4 s of every run's start-up on this
-    project's CPU machine, more with a CUDA build). Other classes go through `AutoTokenizer`.
+    module, which imports torch wherever it is installed (on this project's CPU machine it took
+    2.4-2.6 s against 0.9-1.0 s, more with a CUDA build). Other classes go through `AutoTokenizer`.
     """
     import transformers
 

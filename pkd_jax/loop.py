@@ -258,7 +258,7 @@ class MetricsLog:
             folder = self.workdir / "tensorboard"
             # A resumed run: TensorBoard drops the killed run's events from `start` on, as metrics.jsonl does.
             self.writers[stream] = _summary_writer()(str(folder / stream if stream else folder),
-                                                 purge_step=self.start or None)
+                                                     purge_step=self.start or None)
         return self.writers[stream]
 
     def write(self, step: int, split: str, values: dict[str, float], *, stream: str | None = None,
