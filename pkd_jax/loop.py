@@ -207,7 +207,7 @@ class _MetricsWindow:
 def _summary_writer():
     """tensorboardX's SummaryWriter, imported without torch. Its writer module imports torch
     wherever torch is installed, only to accept torch tensors (we log floats); that import took
-    1.2-2.4 s on this project's CPU machine, in the loop, where the first metrics are written."""
+    1.2-2.4 s on this project's CPU machine."""
     if "torch" in sys.modules:
         from tensorboardX import SummaryWriter
         return SummaryWriter
@@ -243,6 +243,7 @@ class MetricsLog:
             fsutil.write_text(path, "".join(l + "\n" for l in kept))
         self.jsonl = path.open("a")
         self.writers: dict[str | None, Any] = {}
+        self.summary_writer = _summary_writer()  # imported here, before the loop's clock starts
         self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, disable=not progress,
                         desc=desc)
 
@@ -257,8 +258,8 @@ class MetricsLog:
         if stream not in self.writers:
             folder = self.workdir / "tensorboard"
             # A resumed run: TensorBoard drops the killed run's events from `start` on, as metrics.jsonl does.
-            self.writers[stream] = _summary_writer()(str(folder / stream if stream else folder),
-                                                     purge_step=self.start or None)
+            self.writers[stream] = self.summary_writer(str(folder / stream if stream else folder),
+                                                       purge_step=self.start or None)
         return self.writers[stream]
 
     def write(self, step: int, split: str, values: dict[str, float], *, stream: str | None = None,
