@@ -98,9 +98,7 @@ def _weight_files(folder: Path, required: bool = True) -> list[Path]:
     if (folder / "pytorch_model.bin").exists():
         return [folder / "pytorch_model.bin"]
     if required:
-        raise CheckpointError(
-            f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
-        )
+        raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
     return []
 
 
@@ -168,10 +166,8 @@ def read_config(folder: Path) -> dict:
     except ValueError as e:
         raise CheckpointError(f"{f}: invalid JSON ({e})") from e
     if cfg.get("model_type") != "bert":
-        raise CheckpointError(
-            f"{f}: model_type={cfg.get('model_type')!r}; only BERT-architecture models "
-            "(model_type 'bert') are supported"
-        )
+        raise CheckpointError(f"{f}: model_type={cfg.get('model_type')!r}; only BERT-architecture models "
+                              "(model_type 'bert') are supported")
     return cfg
 
 
@@ -234,16 +230,8 @@ def load_config(path_or_name, *, num_labels: int | None = None, num_layers: int 
     return BertConfig.from_hf(hf, **overrides)
 
 
-def load_pretrained(
-    path_or_name,
-    num_labels: int | None = None,
-    num_layers: int | None = None,
-    dtype=jnp.float32,
-    seed: int = 0,
-    *,
-    param_dtype=jnp.float32,
-    **config_overrides,
-) -> BertForSequenceClassification:
+def load_pretrained(path_or_name, num_labels: int | None = None, num_layers: int | None = None, dtype=jnp.float32,
+                    seed: int = 0, *, param_dtype=jnp.float32, **config_overrides) -> BertForSequenceClassification:
     """A BertForSequenceClassification with the weights of a HF BERT folder or name.
 
     num_labels: None takes the checkpoint's own head size (2 for a bare encoder).
@@ -302,13 +290,9 @@ def _fresh_classifier(model: BertForSequenceClassification, dtype, param_dtype, 
 
 
 def load_tokenizer(path_or_name):
-    """The fast tokenizer stored with a model (HF folder, known name or hub name).
-
-    A BERT tokenizer (the `tokenizer_class` of BERT checkpoints, or none named) is loaded by its
-    own class: `AutoTokenizer` reads the model's config through transformers' configuration
-    module, which imports torch wherever it is installed (on this project's CPU machine it took
-    2.4-2.6 s against 0.9-1.0 s, more with a CUDA build). Other classes go through `AutoTokenizer`.
-    """
+    """The fast tokenizer stored with a model (HF folder, known name or hub name). A BERT one loads by
+    its class: `AutoTokenizer` goes through transformers' configuration module, which imports torch
+    wherever it is installed (2.4-2.6 s against 0.9-1.0 s on this project's CPU machine)."""
     import transformers
 
     folder = resolve(path_or_name)
@@ -347,8 +331,7 @@ def save_pretrained(model: BertForSequenceClassification, path, tokenizer=None, 
         hf_config["architectures"] = ["BertModel"]
     try:
         with fsutil.staged_dir(path) as tmp:
-            # Written as transformers writes it (sorted keys, indent 2), not through its BertConfig,
-            # whose module imports torch; keys left out take transformers' defaults (tested).
+            # As transformers writes it, without its BertConfig (whose module imports torch); tested.
             config_json = {**hf_config, "transformers_version": transformers.__version__}
             (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
             save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
