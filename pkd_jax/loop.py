@@ -208,14 +208,14 @@ def _summary_writer():
     """tensorboardX's SummaryWriter, imported without torch. Its writer module imports torch
     wherever torch is installed, only to accept torch tensors (we log floats); that import took
     1.2-2.4 s on this project's CPU machine."""
-    if "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
-        return SummaryWriter
-    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+    block = "torch" not in sys.modules
+    if block:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
     try:
         from tensorboardX import SummaryWriter
     finally:
-        del sys.modules["torch"]  # torch stays importable for the rest of the process
+        if block:
+            del sys.modules["torch"]  # torch stays importable for the rest of the process
     return SummaryWriter
 
 
