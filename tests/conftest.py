@@ -3,6 +3,7 @@ without hardware: each device holds its own copy of a replicated array and runs 
 update, so more fake devices cost memory and time (8 devices measured 12.9 GB peak for one file)."""
 
 import atexit
+import contextlib
 import ctypes
 import gc
 import os
@@ -52,6 +53,27 @@ def _release_memory_after_each_file():
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed memory otherwise
     except (OSError, AttributeError):
         pass  # not glibc: nothing to trim
+
+
+@contextlib.contextmanager
+def _first_device_only():
+    from pkd_jax import partitioning
+
+    make_mesh = partitioning.make_mesh
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(partitioning, "make_mesh",
+                   lambda fsdp=1, devices=None: make_mesh(fsdp, jax.devices()[:1] if devices is None else devices))
+        yield
+
+
+@pytest.fixture(scope="session")
+def one_device():
+    """A context manager: runs started inside it (their mesh comes from `partitioning.make_mesh`) use
+    the first fake device alone. For tests of what a run does, not of how it is sharded (test_steps,
+    test_partitioning and test_sweep's vmapped step do that): each device applies the replicated
+    optimizer update to its own copy, so four pay for it four times, and test_reliability took
+    190 s instead of 245 s on one device (2026-12-01)."""
+    return _first_device_only
 
 
 REPO = Path(__file__).resolve().parents[1]

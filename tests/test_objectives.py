@@ -20,6 +20,12 @@ from configs import pkd
 from pkd_jax import checkpoints, data, setup, train
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _on_one_device(one_device):  # what the objectives compute, not how a run is sharded
+    with one_device():
+        yield
+
+
 def _config(glue_dir, teacher, **fields):
     c = pkd.get_config(f"task=sst2,teacher={teacher},model=minilm-l6,layers=3,glue_dir={glue_dir},runlocal")
     c.progress, c.predict_test, c.learning_rate = False, False, 2e-4

@@ -6,9 +6,11 @@ preempted runs resuming bitwise are tested in test_reliability.py (SIGKILL at ra
 fine-tuning run), test_multitask.py (SIGTERM, then run.py, a distilled student reusing its teachers'
 cached outputs) and test_sweep.py (an interrupted chunk of distilled students).
 
-The students use lr 2e-4: all-MiniLM-L6-v2 is a mean-pooling sentence encoder whose [CLS] vector
+The runs use lr 2e-4: all-MiniLM-L6-v2 is a mean-pooling sentence encoder whose [CLS] vector
 barely varies across inputs below layer 4, so a [CLS]-reading 3-layer student needs a larger
-step than the paper's BERT-base grid (1e-5..5e-5) to make it informative.
+step than the paper's BERT-base grid (1e-5..5e-5) to make it informative. The teacher at 2e-4
+learns in one epoch (50 steps) what 5e-5 took two for: 0.805 against 0.7975 dev accuracy, and its
+student reached 0.7375 against 0.73 (2026-12-01, docs/benchmarks.md).
 """
 
 import json
@@ -53,7 +55,7 @@ def runs(tmp_path_factory, glue_dir):
     env = {**os.environ, "PKD_JAX_CACHE": str(root / "cache"), "JAX_PLATFORMS": "cpu"}
     teacher = root / "teacher"
     _run(_command(f"configs/finetune.py:task=sst2,model=minilm-l6,glue_dir={glue_dir}", teacher,
-                  "--config.num_epochs=2", "--config.learning_rate=5e-5",
+                  "--config.num_epochs=1", "--config.learning_rate=2e-4",
                   "--config.predict_test=True", f"--config.test_examples={TEST_ROWS}"), env)
     student = _command(f"configs/pkd.py:task=sst2,teacher={teacher},layers=3,strategy=skip,glue_dir={glue_dir}",
                        root / "PLACEHOLDER", "--config.num_epochs=3", "--config.learning_rate=2e-4",

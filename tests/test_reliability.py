@@ -1,7 +1,7 @@
 """Bad input, NaN, corrupt checkpoints, a full disk, SIGTERM and SIGKILL: clear errors, nothing lost.
 
-In-process runs use the conftest's 4 fake CPU devices; subprocess runs (`run.py`, as users start it) one
-device. Each group is compared with an uninterrupted run of its own kind.
+Runs, in this process and in subprocesses (`run.py`, as users start it), use one device. Each group is
+compared with an uninterrupted run of its own kind.
 """
 
 import json
@@ -49,6 +49,12 @@ def _same_export(a: Path, b: Path):
     assert wa.keys() == wb.keys()
     for k in wa:
         np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _on_one_device(one_device):
+    with one_device():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -53,8 +53,14 @@ def _student(state, j):
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, glue_dir, sst2_teacher_dir):
-    root = tmp_path_factory.mktemp("sweep")
+def swept(tmp_path_factory, glue_dir, sst2_teacher_dir, one_device):
+    """The sweep and its points' single runs, on one device (the vmapped step's placements over four
+    are test_vmapped_step_equals_separate_steps')."""
+    with one_device():
+        return _swept(tmp_path_factory.mktemp("sweep"), glue_dir, sst2_teacher_dir)
+
+
+def _swept(root, glue_dir, sst2_teacher_dir):
     config = _config(glue_dir, sst2_teacher_dir)
     runner = sweep.Sweep(config, root / "sweep")
     assert runner.plan.chunks == [[0, 1]]
@@ -130,6 +136,13 @@ def test_rerun_of_a_finished_sweep_trains_nothing(swept, monkeypatch):
     assert sweep.train_grid(swept["config"], swept["workdir"]) == swept["results"]
 
 
+@pytest.fixture
+def on_one_device(one_device):
+    with one_device():
+        yield
+
+
+@pytest.mark.usefixtures("on_one_device")  # as the fixture's run it resumes
 def test_interrupted_chunk_resumes_and_a_nan_student_fails_alone(swept, glue_dir, sst2_teacher_dir, monkeypatch):
     """Chunk 0 (alpha 0.2, as the fixture's student 0) dies after step 3 and resumes from its
     step-2 checkpoint; chunk 1 (lr 1e30) goes NaN and is marked failed without stopping the sweep."""
