@@ -15,12 +15,11 @@ test_multiprocess check.
 import json
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
 from configs import finetune, pkd
-from pkd_jax import checkpoints, data, partitioning, teacher_cache, train
+from pkd_jax import checkpoints, data, teacher_cache, train
 
 TRAIN, DEV = 256, 128  # training examples (16 a step), first dev examples
 
@@ -41,13 +40,12 @@ def _finetune(task, glue_dir, steps, every, **fields):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, glue_dir):
+def runs(tmp_path_factory, glue_dir, one_device):
     """MRPC and STS-B fine-tuned, and a 1-layer STS-B student distilled from the STS-B model."""
     root = tmp_path_factory.mktemp("task_metrics")
     out, built = {}, []
-    make_mesh, build = partitioning.make_mesh, teacher_cache.build_or_load
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(partitioning, "make_mesh", lambda fsdp=1, devices=None: make_mesh(fsdp, jax.devices()[:1]))
+    build = teacher_cache.build_or_load
+    with one_device(), pytest.MonkeyPatch.context() as mp:
         mp.setattr(teacher_cache, "build_or_load", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
         # MRPC: the 2-layer model stays at the majority class here; four equal F1 scores.
         out["mrpc"] = root / "mrpc", train.train_and_evaluate(_finetune("mrpc", glue_dir, 8, 2), root / "mrpc")
