@@ -13,11 +13,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_smoke_run_passes_and_reports_every_stage(glue_dir, tmp_path):
-    """The device check's every stage at small shapes on the CPU. Its correctness stage runs two of the
-    accelerator tests here (--tests): the others' CPU counterparts are test_bert's bf16 bounds and
-    test_sweep's vmapped students, and on a device the check runs them all."""
+    """The device check's every stage at small shapes on the CPU. Its correctness stage runs one of the
+    accelerator tests here (--tests), the one without a CPU counterpart in the suite: the others'
+    are test_bert's bf16 bounds, test_sweep's vmapped students and test_accelerator's async
+    checkpoint on the four fake devices, and on a device the check runs them all."""
     proc = subprocess.run([sys.executable, "-m", "benchmarks.accel_check", "--smoke", f"--glue-dir={glue_dir}",
-                           f"--out={tmp_path}", "--tests=async_checkpoint or compiles_once"],
+                           f"--out={tmp_path}", "--tests=compiles_once"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(proc.stdout.splitlines()[0])["accel_check"]
@@ -26,8 +27,7 @@ def test_smoke_run_passes_and_reports_every_stage(glue_dir, tmp_path):
     assert checks["correctness (pytest -m accelerator)"]["status"] == "ok"
     report = json.loads((tmp_path / "accel_check.json").read_text())
     tests = report["correctness"]["tests"]
-    assert tests == {"test_async_checkpoint_then_donated_step_on_device": "passed",
-                     "test_distill_step_compiles_once_and_runs_without_host_transfers[online]": "passed",
+    assert tests == {"test_distill_step_compiles_once_and_runs_without_host_transfers[online]": "passed",
                      "test_distill_step_compiles_once_and_runs_without_host_transfers[cached]": "passed"}
     assert {"train pkd_online", "efficiency", "sweep", "loop"} <= set(checks)
     assert {"profile finetune", "profile pkd_online", "profile pkd_cached"} <= set(checks)  # top ops
