@@ -28,13 +28,13 @@ atexit.register(shutil.rmtree, os.environ["PKD_JAX_CACHE"], ignore_errors=True) 
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["PKD_JAX_CACHE"], "xla")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
-# The slowest files, slowest first (CI durations of 2026-12-01, summed per file, less what ece9184
-# saved): they start first, so the two xdist workers end together. pytest collects a directory in
-# name order whatever the command line's order is.
+# The slowest files, slowest first (durations of the suite on 2026-12-01, summed per file, less what
+# 8883978 saved): they start first, so the two xdist workers end together. pytest collects a
+# directory in name order whatever the command line's order is.
 SLOW_FIRST = ("test_pipeline.py", "test_reliability.py", "test_multiprocess.py", "test_reproduce.py",
-              "test_steps.py", "test_accel_check.py", "test_sweep.py", "test_multitask.py",
-              "test_benchmarks.py", "test_objectives.py", "test_bert.py", "test_task_metrics_end_to_end.py",
-              "test_checks.py", "test_partitioning.py")
+              "test_sweep.py", "test_steps.py", "test_accel_check.py", "test_multitask.py",
+              "test_benchmarks.py", "test_bert.py", "test_objectives.py", "test_task_metrics_end_to_end.py",
+              "test_checks.py", "test_losses.py", "test_loop.py", "test_partitioning.py")
 
 
 def pytest_collection_modifyitems(items):
