@@ -13,10 +13,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_smoke_run_passes_and_reports_every_stage(glue_dir, tmp_path):
-    """The device check's every stage at small shapes on the CPU. Its correctness stage runs one of the
-    accelerator tests here (--tests), the one without a CPU counterpart in the suite: the others'
-    are test_bert's bf16 bounds, test_sweep's vmapped students and test_accelerator's async
-    checkpoint on the four fake devices, and on a device the check runs them all."""
+    """The device check's every stage at small shapes on the CPU. Its correctness stage runs here
+    (--tests) only the accelerator test without a CPU counterpart in the suite; the others have one
+    (test_bert's bf16 bounds, test_sweep's vmapped students, test_accelerator's async checkpoint on
+    the four fake devices), and on a device the check runs them all."""
     proc = subprocess.run([sys.executable, "-m", "benchmarks.accel_check", "--smoke", f"--glue-dir={glue_dir}",
                            f"--out={tmp_path}", "--tests=compiles_once"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
