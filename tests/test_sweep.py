@@ -20,7 +20,6 @@ from pkd_jax import checkpoints, data, losses, optim, partitioning, report, setu
 from pkd_jax.bert import BertConfig, BertForSequenceClassification
 
 PARAM_ATOL, PARAM_RTOL = 1e-5, 1e-4
-LAYER_MAP = losses.layer_map(6, 3, "skip")
 
 
 def _config(glue_dir, teacher, **fields):
