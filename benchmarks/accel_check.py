@@ -301,7 +301,9 @@ def summarize(report: dict[str, Any]) -> tuple[dict[str, Any], str]:
                      "", ""))
         rows.append(("loop: projected 4-epoch SST-2 12->6 distillation (wall)",
                      f"{loop_['projected_4_epochs_seconds']:.0f} s (before the first step: set-up "
-                     f"{loop_['setup_seconds']:.0f} s, compilation {loop_['compile_seconds']:.0f} s)",
+                     f"{loop_['setup_seconds']:.0f} s, then the teacher's pass and compilation side by side "
+                     f"{loop_['teacher_and_compile_seconds']:.0f} s, compilation alone "
+                     f"{loop_['compile_seconds']:.0f} s)",
                      f"< {PAPER_RUN_TARGET_S:.0f} s",
                      "ok" if loop_["projected_4_epochs_seconds"] < PAPER_RUN_TARGET_S else "MISS"))
     elif loop_:

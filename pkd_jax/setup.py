@@ -7,6 +7,8 @@ teacher, the tokenizer and the tokenised splits, and returns a `Setup`, from whi
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import logging
@@ -54,6 +56,15 @@ class TeacherFeed(NamedTuple):
     graphdef: Any = None
     params: Any = None
     add_to_batch: Callable[[dict], dict] | None = None
+
+
+@contextlib.contextmanager
+def _meanwhile(fn: Callable, *args):
+    """Run `fn(*args)` on a thread while the body runs; wait for it at the end and raise its error."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="alongside") as pool:
+        future = pool.submit(fn, *args)
+        yield
+        future.result()
 
 
 @dataclasses.dataclass
@@ -129,28 +140,43 @@ class Setup:
         t = self.teacher.config.hidden_size
         return t if student.hidden_size != t else None
 
-    def teacher_feed(self, lead: bool = True) -> TeacherFeed:
+    def teacher_feed(self, lead: bool = True, *,
+                     alongside: Callable[[TeacherFeed], Any] | None = None) -> TeacherFeed:
         """The teacher for the step: placed params (online), or its cached outputs after one pass
-        over the training set (or their reuse)."""
+        over the training set (or their reuse).
+
+        alongside: called on a thread, with a feed whose batches have the final feed's shapes, while
+        the teacher's pass runs (the cached outputs, or the online teacher's sample for the
+        constant-features warning): a run compiles its step there, which on a GPU takes tens of
+        seconds of mostly host time. Cached runs give it zeros in place of the outputs
+        (`teacher_cache.placeholder`). Its exception is raised here, once the pass has ended.
+        """
+        alongside = alongside or (lambda feed: None)
         if not self.distill:
+            alongside(TeacherFeed())
             return TeacherFeed()
         t_graphdef, t_params = nnx.split(self.teacher, nnx.Param)
         t_params = partitioning.place_state(t_params, self.mesh, self.fsdp)
         kind, index = self.config.patient_features, np.asarray(self.layer_map, int) - 1
         if self.online:
-            if self.weighs_patient:  # KD (beta = 0) ignores the patient features
-                sample = targets.layer_features(t_graphdef, t_params, self.train_tok, self.mesh, batch_size=256,
-                                                bucket=False)[kind]
-                targets.warn_if_constant(sample[index], self.layer_map, kind, log)
             # Plain arrays, as the student's state: a step call flattens them on the host every step.
-            return TeacherFeed(t_graphdef, nnx.to_pure_dict(t_params))
+            feed = TeacherFeed(t_graphdef, nnx.to_pure_dict(t_params))
+            with _meanwhile(alongside, feed):
+                if self.weighs_patient:  # KD (beta = 0) ignores the patient features
+                    sample = targets.layer_features(t_graphdef, t_params, self.train_tok, self.mesh, batch_size=256,
+                                                    bucket=False)[kind]
+                    targets.warn_if_constant(sample[index], self.layer_map, kind, log)
+            return feed
         from pkd_jax import teacher_cache
 
-        cache = teacher_cache.build_or_load(
-            t_graphdef, t_params, self.train_tok, self.layer_map, mesh=self.mesh,
-            batch_size=self.config.eval_batch_size, cache_dir=self.cache_dir / "teacher",
-            dtype_name=jnp.dtype(self.dtype).name, architecture=repr(self.teacher.config),
-            features=self.config.patient_features, progress=self.config.progress and lead)
+        t = self.teacher.config
+        zeros = teacher_cache.placeholder(t.num_labels, len(self.layer_map), t.hidden_size)
+        with _meanwhile(alongside, TeacherFeed(add_to_batch=zeros)):
+            cache = teacher_cache.build_or_load(
+                t_graphdef, t_params, self.train_tok, self.layer_map, mesh=self.mesh,
+                batch_size=self.config.eval_batch_size, cache_dir=self.cache_dir / "teacher",
+                dtype_name=jnp.dtype(self.dtype).name, architecture=repr(t),
+                features=self.config.patient_features, progress=self.config.progress and lead)
         log.info("teacher outputs %s: %s", "reused" if cache.reused else "computed", cache.path)
         if self.weighs_patient:  # FT and KD runs of a study ignore the patient features
             targets.warn_if_constant(np.swapaxes(cache.features[:256], 0, 1), self.layer_map, kind, log)

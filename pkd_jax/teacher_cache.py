@@ -34,7 +34,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from tqdm import tqdm
 from pkd_jax import bert, data, evaluate, fsutil, partitioning, steps
 
 FORMAT_VERSION = 3  # bump when the stored arrays' meaning changes (3: features of a chosen kind)
+FEATURES_DTYPE = np.dtype(np.float16)  # the stored features' default dtype (Precision, above)
 log = logging.getLogger(__name__)
 
 
@@ -113,6 +114,21 @@ class TeacherCache:
         return {**batch,
                 "teacher_logits": np.asarray(self.logits[index], np.float32),
                 "teacher_features": np.asarray(self.features[index])}
+
+
+def placeholder(num_labels: int, num_layers: int, hidden_size: int,
+                features_dtype: DTypeLike = FEATURES_DTYPE) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """An ``add_to`` that fills zeros of the shapes and dtypes ``TeacherCache.add_to`` gives: a
+    cached step compiles for its batches before the teacher's pass has produced the outputs
+    (``Setup.teacher_feed`` compiles alongside the pass)."""
+    features_dtype = np.dtype(features_dtype)
+
+    def add_to(batch: Mapping[str, Any]) -> dict[str, Any]:
+        rows = len(batch["index"])
+        return {**batch, "teacher_logits": np.zeros((rows, num_labels), np.float32),
+                "teacher_features": np.zeros((rows, num_layers, hidden_size), features_dtype)}
+
+    return add_to
 
 
 def _load(entry: Path, key: str, num_examples: int, layer_map: tuple[int, ...],
@@ -246,7 +262,7 @@ def _write_manifest(folder: Path, key: str, layer_map: tuple[int, ...], features
 def build_or_load(teacher_graphdef, teacher_params, tokenized: data.Tokenized,
                   layer_map: Sequence[int], *, mesh: Mesh, batch_size: int = 256,
                   cache_dir: str | os.PathLike | None = None, dtype_name: str = "float32",
-                  architecture: str = "", features: str = "cls", features_dtype: DTypeLike = np.float16,
+                  architecture: str = "", features: str = "cls", features_dtype: DTypeLike = FEATURES_DTYPE,
                   progress: bool = True) -> TeacherCache:
     """The teacher's outputs on ``tokenized``: loaded if cached, else computed once and stored.
 

@@ -3,6 +3,8 @@ in test_reliability/test_pipeline, sweep chunks in test_sweep)."""
 
 import json
 
+import pytest
+
 from pkd_jax import loop
 
 
@@ -37,19 +39,36 @@ def test_metrics_log_of_other_processes_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_nothing_compiles_inside_the_loop(glue_dir, tmp_path, monkeypatch):
+def _finetune_config(glue_dir, teacher_dir):
+    from configs import finetune
+
+    return finetune.get_config(f"task=rte,model=minilm-l6,layers=2,glue_dir={glue_dir},runlocal")
+
+
+def _cached_pkd_config(glue_dir, teacher_dir):
+    from configs import pkd
+
+    c = pkd.get_config(f"task=sst2,teacher={teacher_dir},model=minilm-l6,layers=2,glue_dir={glue_dir},runlocal")
+    c.teacher_mode, c.train_examples, c.eval_examples = "cached", 96, 32
+    return c
+
+
+@pytest.mark.parametrize("make_config", [_finetune_config, _cached_pkd_config], ids=["finetune", "cached_pkd"])
+def test_nothing_compiles_inside_the_loop(make_config, glue_dir, sst2_teacher_dir, tmp_path, monkeypatch, one_device):
     """Every batch shape of the train step and of evaluation is compiled before the loop starts:
-    compile time never counts as training time, and the accelerator never waits for XLA mid-run."""
+    compile time never counts as training time, and the accelerator never waits for XLA mid-run.
+    A cached-teacher run compiles on a thread during the teacher's pass, for zeros in the outputs'
+    shapes; its loop then gets the real outputs."""
     import logging
 
     import jax
+    import numpy as np
 
-    from configs import finetune
     from pkd_jax import train
 
-    c = finetune.get_config(f"task=rte,model=minilm-l6,layers=2,glue_dir={glue_dir},runlocal")
+    c = make_config(glue_dir, sst2_teacher_dir)
     c.progress, c.predict_test, c.max_steps, c.eval_every_steps = False, False, 12, 6
-    compiled, in_loop = [], []
+    compiled, in_loop, teacher_logits = [], [], []
 
     class Compiles(logging.Handler):
         def emit(self, record):
@@ -60,11 +79,17 @@ def test_nothing_compiles_inside_the_loop(glue_dir, tmp_path, monkeypatch):
     inside = False
     real_train = loop.train
 
-    def marked(*args, **kwargs):
+    def marked(*args, batches, **kwargs):
         nonlocal inside
+
+        def seen():
+            for batch in batches:
+                teacher_logits.append(np.asarray(batch.get("teacher_logits", np.ones(1))))
+                yield batch
+
         inside = True
         try:
-            return real_train(*args, **kwargs)
+            return real_train(*args, batches=seen(), **kwargs)
         finally:
             inside = False
 
@@ -73,10 +98,14 @@ def test_nothing_compiles_inside_the_loop(glue_dir, tmp_path, monkeypatch):
     logging.getLogger("jax._src.interpreters.pxla").addHandler(handler)
     jax.config.update("jax_log_compiles", True)
     try:
-        train.train_and_evaluate(c, tmp_path)
+        with one_device():
+            results = train.train_and_evaluate(c, tmp_path)
     finally:
         jax.config.update("jax_log_compiles", False)
         logging.getLogger("jax._src.interpreters.pxla").removeHandler(handler)
     ours = ("Compiling jit(step)", "Compiling jit(logits_fn)")
     assert {m for m in compiled if m in ours} == set(ours)  # compiled, before the loop
     assert not [m for m in in_loop if m in ours], in_loop
+    assert len(teacher_logits) >= 12 and all(np.abs(x).max() > 0 for x in teacher_logits)  # no placeholder
+    timing = results["timing"]
+    assert 0 < timing["compile_seconds"] <= timing["teacher_and_compile_seconds"] + 1e-3, timing

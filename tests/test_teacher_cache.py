@@ -114,6 +114,14 @@ def test_add_to_gathers_rows_of_shuffled_batch(built, tok, direct):
     _assert_cls_close(out["teacher_features"], direct[1][batch["index"]])
 
 
+def test_placeholder_has_the_shapes_and_dtypes_of_the_cached_rows(built, tok):
+    """What a run compiles its cached step for, during the teacher's pass (Setup.teacher_feed)."""
+    batch = next(data.train_batches(tok, BATCH, seed=3))
+    real, zeros = built.add_to(batch), teacher_cache.placeholder(2, len(LAYER_MAP), 384)(batch)
+    assert {k: (v.shape, v.dtype) for k, v in zeros.items()} == {k: (v.shape, v.dtype) for k, v in real.items()}
+    assert not zeros["teacher_logits"].any() and not zeros["teacher_features"].any()
+
+
 def test_second_call_reuses_without_running_the_teacher(built, teacher, tok, mesh, monkeypatch):
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher ran although a valid entry exists")
