@@ -58,9 +58,19 @@ class TeacherFeed(NamedTuple):
     add_to_batch: Callable[[dict], dict] | None = None
 
 
+class TeacherPass(NamedTuple):
+    """`Setup.teacher_pass`: `early`, a feed with the final one's teacher and batch shapes (a cached
+    run's holds zeros in place of the outputs: `teacher_cache.placeholder`), to compile for; and
+    `finish`, which runs the teacher's pass and returns the final feed."""
+
+    early: TeacherFeed
+    finish: Callable[[], TeacherFeed]
+
+
 @contextlib.contextmanager
-def _meanwhile(fn: Callable, *args):
-    """Run `fn(*args)` on a thread while the body runs; wait for it at the end and raise its error."""
+def alongside(fn: Callable, *args):
+    """Run `fn(*args)` on a thread while the body runs (a run compiles during the teacher's pass);
+    wait for it at the end and raise its error."""
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="alongside") as pool:
         future = pool.submit(fn, *args)
         yield
@@ -140,47 +150,51 @@ class Setup:
         t = self.teacher.config.hidden_size
         return t if student.hidden_size != t else None
 
-    def teacher_feed(self, lead: bool = True, *,
-                     alongside: Callable[[TeacherFeed], Any] | None = None) -> TeacherFeed:
+    def teacher_feed(self, lead: bool = True) -> TeacherFeed:
         """The teacher for the step: placed params (online), or its cached outputs after one pass
-        over the training set (or their reuse).
+        over the training set (or their reuse)."""
+        return self.teacher_pass(lead).finish()
 
-        alongside: called on a thread, with a feed whose batches have the final feed's shapes, while
-        the teacher's pass runs (the cached outputs, or the online teacher's sample for the
-        constant-features warning): a run compiles its step there, which on a GPU takes tens of
-        seconds of mostly host time. Cached runs give it zeros in place of the outputs
-        (`teacher_cache.placeholder`). Its exception is raised here, once the pass has ended.
-        """
-        alongside = alongside or (lambda feed: None)
+    def teacher_pass(self, lead: bool = True) -> TeacherPass:
+        """The teacher's feed in two phases: `early` at once (the teacher placed on the mesh), then
+        `finish()`, which runs the teacher's pass: the cached outputs, or the online teacher's
+        sample for the constant-features warning. A run compiles its step for `early` on a thread
+        (`alongside`) while the pass runs: on a GPU each program takes tens of seconds, mostly on
+        the host."""
         if not self.distill:
-            alongside(TeacherFeed())
-            return TeacherFeed()
+            return TeacherPass(TeacherFeed(), TeacherFeed)
         t_graphdef, t_params = nnx.split(self.teacher, nnx.Param)
         t_params = partitioning.place_state(t_params, self.mesh, self.fsdp)
         kind, index = self.config.patient_features, np.asarray(self.layer_map, int) - 1
         if self.online:
             # Plain arrays, as the student's state: a step call flattens them on the host every step.
             feed = TeacherFeed(t_graphdef, nnx.to_pure_dict(t_params))
-            with _meanwhile(alongside, feed):
+
+            def sample() -> TeacherFeed:
                 if self.weighs_patient:  # KD (beta = 0) ignores the patient features
-                    sample = targets.layer_features(t_graphdef, t_params, self.train_tok, self.mesh, batch_size=256,
-                                                    bucket=False)[kind]
-                    targets.warn_if_constant(sample[index], self.layer_map, kind, log)
-            return feed
+                    features = targets.layer_features(t_graphdef, t_params, self.train_tok, self.mesh,
+                                                      batch_size=256, bucket=False)[kind]
+                    targets.warn_if_constant(features[index], self.layer_map, kind, log)
+                return feed
+
+            return TeacherPass(feed, sample)
         from pkd_jax import teacher_cache
 
         t = self.teacher.config
-        zeros = teacher_cache.placeholder(t.num_labels, len(self.layer_map), t.hidden_size)
-        with _meanwhile(alongside, TeacherFeed(add_to_batch=zeros)):
+
+        def build() -> TeacherFeed:
             cache = teacher_cache.build_or_load(
                 t_graphdef, t_params, self.train_tok, self.layer_map, mesh=self.mesh,
                 batch_size=self.config.eval_batch_size, cache_dir=self.cache_dir / "teacher",
                 dtype_name=jnp.dtype(self.dtype).name, architecture=repr(t),
                 features=self.config.patient_features, progress=self.config.progress and lead)
-        log.info("teacher outputs %s: %s", "reused" if cache.reused else "computed", cache.path)
-        if self.weighs_patient:  # FT and KD runs of a study ignore the patient features
-            targets.warn_if_constant(np.swapaxes(cache.features[:256], 0, 1), self.layer_map, kind, log)
-        return TeacherFeed(add_to_batch=cache.add_to)
+            log.info("teacher outputs %s: %s", "reused" if cache.reused else "computed", cache.path)
+            if self.weighs_patient:  # FT and KD runs of a study ignore the patient features
+                targets.warn_if_constant(np.swapaxes(cache.features[:256], 0, 1), self.layer_map, kind, log)
+            return TeacherFeed(add_to_batch=cache.add_to)
+
+        zeros = teacher_cache.placeholder(t.num_labels, len(self.layer_map), t.hidden_size)
+        return TeacherPass(TeacherFeed(add_to_batch=zeros), build)
 
     def make_step(self, graphdef, tx, teacher_graphdef=None):
         """The pure step: (state, batch) for fine-tuning, (state, teacher_params, batch) to distil."""

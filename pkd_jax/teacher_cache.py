@@ -120,7 +120,7 @@ def placeholder(num_labels: int, num_layers: int, hidden_size: int,
                 features_dtype: DTypeLike = FEATURES_DTYPE) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
     """An ``add_to`` that fills zeros of the shapes and dtypes ``TeacherCache.add_to`` gives: a
     cached step compiles for its batches before the teacher's pass has produced the outputs
-    (``Setup.teacher_feed`` compiles alongside the pass)."""
+    (a run compiles alongside the pass: ``Setup.teacher_pass``)."""
     features_dtype = np.dtype(features_dtype)
 
     def add_to(batch: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 `train_and_evaluate(config, workdir)` builds the run's parts (`setup.prepare`), resumes from the
 workdir's last checkpoint, compiles the student's programs while the teacher's pass runs
-(`Setup.teacher_feed`), trains one student through the shared loop (`loop.train`), exports
+(`Setup.teacher_pass`), trains one student through the shared loop (`loop.train`), exports
 the best model and writes results.json. What a run writes is listed in the README.
 """
 
@@ -31,26 +31,31 @@ class _Student:
     def __init__(self, s: setup.Setup, workdir: Path, graphdef, tx, ckpt, meta: dict, lead: bool):
         self.s, self.workdir, self.graphdef, self.tx, self.ckpt, self.meta, self.lead = (
             s, workdir, graphdef, tx, ckpt, meta, lead)
-        self.step = self.teacher_args = None  # built by compile, for the teacher's feed
+        self.step = None  # built by compile, for the teacher's feed
         self.logits_fn = steps.Precompiled(jax.jit(steps.make_logits_fn(graphdef)), "evaluation")
-        self.log: loop.MetricsLog | None = None  # opened after the teacher's pass and its progress bar
+        self.teacher_args, self.log = (), None  # set by begin, after the teacher's pass
 
     def compile(self, state, start: int, feed: setup.TeacherFeed) -> float:
         """Build the step for `feed` and compile it and the evaluation for every batch shape of the
         run, before the loop; returns the seconds it took. It runs alongside the teacher's pass
-        (`Setup.teacher_feed`): `feed` has the final feed's teacher and batch shapes, and in a cached
+        (`Setup.teacher_pass`): `feed` has the final feed's teacher and batch shapes, and in a cached
         run zeros in place of the outputs."""
         s, t0 = self.s, time.perf_counter()
         jitted = steps.compile_step(s.make_step(self.graphdef, self.tx, feed.graphdef), state, s.mesh, fsdp=s.fsdp)
         self.step = steps.Precompiled(jitted, "train step")
-        self.teacher_args = (feed.params,) if s.distill else ()
+        teacher_args = (feed.params,) if s.distill else ()
         steps.compile_all(itertools.chain(
-            ((self.step, (state, *self.teacher_args, batch)) for batch in s.example_batches(start, feed)),
+            ((self.step, (state, *teacher_args, batch)) for batch in s.example_batches(start, feed)),
             evaluate.split_calls(self.logits_fn, state.params, s.dev_tok, s.mesh, s.config.eval_batch_size)))
         seconds = time.perf_counter() - t0
         log.info("compiled the train step for %d batch shape(s) and evaluation for %d in %.1f s",
                  len(self.step.compiled), len(self.logits_fn.compiled), seconds)
         return seconds
+
+    def begin(self, feed: setup.TeacherFeed, log_: loop.MetricsLog) -> None:
+        """After the teacher's pass: the final feed's teacher for the steps, and the run's log."""
+        self.teacher_args = (feed.params,) if self.s.distill else ()
+        self.log = log_
 
     def train_step(self, state, batch):
         return self.step(state, *self.teacher_args, batch)
@@ -124,11 +129,13 @@ def _train(config, workdir: Path, s: setup.Setup, lead: bool, clock: dict) -> di
         start = int(state.step)
         student = _Student(s, workdir, graphdef, tx, ckpt, meta, lead)
         clock["setup"] = time.perf_counter()
-        compiled = []  # the compilation's seconds, on its thread
-        feed = s.teacher_feed(lead, alongside=lambda early: compiled.append(student.compile(state, start, early)))
+        teacher, compiled = s.teacher_pass(lead), []  # the compilation's seconds, on its thread
+        with setup.alongside(lambda: compiled.append(student.compile(state, start, teacher.early))):
+            feed = teacher.finish()
         clock["compile"] = time.perf_counter()
-        student.log = run_log = loop.MetricsLog(workdir, start=start, total=s.total_steps, enabled=lead,
-                                                progress=config.progress, desc=workdir.name)
+        run_log = loop.MetricsLog(workdir, start=start, total=s.total_steps, enabled=lead,
+                                  progress=config.progress, desc=workdir.name)  # after the pass's progress bar
+        student.begin(feed, run_log)
         loop.train(student, state, start=start, schedule=loop.Schedule.from_config(config, s.steps_per_epoch,
                                                                                    s.total_steps),
                    batches=s.train_batches(start, feed), ckpt=ckpt, meta=meta, log=run_log)

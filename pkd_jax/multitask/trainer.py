@@ -64,7 +64,9 @@ class MultiTaskRun:
         setup.open_workdir(config, self.workdir, self.lead, restart)  # held until train() ends
         try:
             self.tx = self.first.optimizer()
-            self.feeds = {t: s.teacher_feed(self.lead) for t, s in self.setups.items()}
+            # Each teacher placed now; its pass runs while the student compiles (_train).
+            self.teachers = {t: s.teacher_pass(self.lead) for t, s in self.setups.items()}
+            self.feeds: dict[str, setup.TeacherFeed] = {}
         except BaseException:  # a failed set-up leaves the workdir to the next run
             fsutil.release_workdir(self.workdir)
             raise
@@ -97,12 +99,14 @@ class MultiTaskRun:
             meta = {"best": None, "last": None, "train_seconds": 0.0}
             state = loop.resume(ckpt, state, meta)
             start = int(state.step)
-            run_log = loop.MetricsLog(self.workdir, start=start, total=s.total_steps, enabled=self.lead,
-                                      progress=c.progress, desc=self.workdir.name)
-            trainee = _Students(self, views, state, ckpt, meta, run_log)
+            trainee, compiled = _Students(self, views, state, ckpt, meta), []
             clock["setup"] = time.perf_counter()
-            trainee.compile(state, start)
+            with setup.alongside(lambda: compiled.append(trainee.compile(state, start))):
+                self.feeds = {t: teacher.finish() for t, teacher in self.teachers.items()}
             clock["compile"] = time.perf_counter()
+            # After the teachers' passes and their progress bars.
+            trainee.log = run_log = loop.MetricsLog(self.workdir, start=start, total=s.total_steps,
+                                                    enabled=self.lead, progress=c.progress, desc=self.workdir.name)
             streams = [functools.partial(setup_.train_batches, feed=self.feeds[t])
                        for t, setup_ in self.setups.items()]
             loop.train(trainee, state, start=start,
@@ -112,8 +116,8 @@ class MultiTaskRun:
             clock["loop"] = time.perf_counter()
             results = self._results(meta, student)
             results["timing"] = {"setup_seconds": clock["setup"] - clock["start"],
-                                 "compile_seconds": clock["compile"] - clock["setup"],
-                                 "loop_seconds": clock["loop"] - clock["compile"]}
+                                 "teacher_and_compile_seconds": clock["compile"] - clock["setup"],
+                                 "compile_seconds": compiled[0], "loop_seconds": clock["loop"] - clock["compile"]}
             if c.predict_test:
                 for t, setup_ in self.setups.items():
                     results["per_task"][t]["test_predictions"] = evaluate.predict_test(
@@ -159,32 +163,36 @@ class MultiTaskRun:
 class _Students:
     """The loop's trainee in a multi-task run: the shared student, a compiled step per task."""
 
-    def __init__(self, run: MultiTaskRun, views: dict, state, ckpt, meta: dict, log_: loop.MetricsLog):
-        self.run, self.views, self.ckpt, self.meta, self.log = run, views, ckpt, meta, log_
+    def __init__(self, run: MultiTaskRun, views: dict, state, ckpt, meta: dict):
+        self.run, self.views, self.ckpt, self.meta = run, views, ckpt, meta
+        self.log: loop.MetricsLog | None = None  # opened after the teachers' passes
         self.steps, self.logits_fns = {}, {}
         for t, s in run.setups.items():
             tx = student_.weighted(run.tx, float(run.config.per_task[t].weight))
-            step = student_.task_step(s.make_step(views[t], tx, run.feeds[t].graphdef), t)
+            step = student_.task_step(s.make_step(views[t], tx, run.teachers[t].early.graphdef), t)
             self.steps[t] = steps.Precompiled(steps.compile_step(step, state, s.mesh, fsdp=s.fsdp), f"{t} step")
             self.logits_fns[t] = steps.Precompiled(jax.jit(steps.make_logits_fn(views[t])), f"{t} evaluation")
 
-    def compile(self, state, start: int) -> None:
+    def compile(self, state, start: int) -> float:
         """Every task's step for each batch shape its batches from `start` on will have, and every
-        task's evaluation, before the loop."""
+        task's evaluation, before the loop, for the teachers' early feeds (while their passes run:
+        `Setup.teacher_pass`); returns the seconds it took."""
         run, t0 = self.run, time.perf_counter()
         seed, total = run.config.seed, run.first.total_steps
         at, end = mixing.counts(run.probs, seed, start), mixing.counts(run.probs, seed, total)
         calls = []
         for i, (t, s) in enumerate(run.setups.items()):
-            feed = run.feeds[t]
+            feed = run.teachers[t].early
             calls += [(self.steps[t], (state, feed.params, batch))
                       for batch in s.example_batches(int(at[i]), feed, stop=int(end[i]))]
             calls += evaluate.split_calls(self.logits_fns[t], state.params, s.dev_tok, s.mesh,
                                           run.config.eval_batch_size)
         steps.compile_all(calls)
+        seconds = time.perf_counter() - t0
         log.info("compiled %d task step(s) and %d evaluation(s) in %.1f s",
                  sum(len(p.compiled) for p in self.steps.values()),
-                 sum(len(p.compiled) for p in self.logits_fns.values()), time.perf_counter() - t0)
+                 sum(len(p.compiled) for p in self.logits_fns.values()), seconds)
+        return seconds
 
     def train_step(self, state, item):
         index, batch = item
