@@ -110,7 +110,9 @@ class Sweep:
         setup.open_workdir(config, self.workdir, self.lead, restart)  # held until run() ends
         try:
             self.tx = self.setup.optimizer()  # its peak learning rate is replaced per student
-            self.feed = self.setup.teacher_feed(self.lead)
+            # The teacher placed now; its pass runs while the first chunk to train compiles.
+            self.teacher = self.setup.teacher_pass(self.lead)
+            self.feed: setup.TeacherFeed | None = None  # the final feed, once the pass has run
             self.plan = saved or self._new_plan()
             log.info("%d students in %d chunk(s) of up to %d", len(self.plan.points), len(self.plan.chunks),
                      self.plan.students_per_chunk)
@@ -138,8 +140,9 @@ class Sweep:
         per_student = plan_.student_bytes(model.config, bert.param_count(model), rows, c.max_seq_length,
                                           jnp.dtype(s.dtype).itemsize, param_shards=c.mesh.fsdp)
         reserved = 0
-        if self.feed.params is not None:  # the online teacher's parameters stay on every device
-            reserved = sum(x.nbytes for x in jax.tree.leaves(self.feed.params)) // c.mesh.fsdp
+        params = self.teacher.early.params
+        if params is not None:  # the online teacher's parameters stay on every device
+            reserved = sum(x.nbytes for x in jax.tree.leaves(params)) // c.mesh.fsdp
         largest = max(sum(p.seed == seed for p in self.points) for seed in c.seeds)
         free, cpu = plan_.device_memory_bytes(c.memory_gb), jax.default_backend() == "cpu"
         size = plan_.auto_chunk_size(per_student, free, max_students=largest, reserved=reserved,
@@ -172,19 +175,20 @@ class Sweep:
         state = students_.stack_students(base, padded, s.mesh, shard_students=shard, fsdp=s.fsdp)
         if self.step is None:
             self.step = steps.Precompiled(students_.compile_students_step(
-                s.make_step(graphdef, self.tx, self.feed.graphdef), state, s.mesh, shard_students=shard,
+                s.make_step(graphdef, self.tx, self.teacher.early.graphdef), state, s.mesh, shard_students=shard,
                 fsdp=s.fsdp), "students step")
             self.logits_fn = steps.Precompiled(students_.make_students_logits_fn(graphdef), "evaluation")
             self.take = jax.jit(lambda tree, j: jax.tree.map(lambda x: x[j], tree),  # one student, whole
                                 out_shardings=partitioning.replicated(s.mesh))
         return graphdef, state
 
-    def _compile(self, state, start: int, seed: int, to_devices) -> None:
-        """The chunk's step and evaluation for every batch shape it will meet, before its loop."""
+    def _compile(self, state, start: int, seed: int, to_devices, feed: setup.TeacherFeed) -> None:
+        """The chunk's step and evaluation for every batch shape it will meet, before its loop
+        (`feed`: the teacher's final feed, or its early one while the pass runs)."""
         s, t0 = self.setup, time.perf_counter()
         steps.compile_all(itertools.chain(
-            ((self.step, (state, self.feed.params, batch))
-             for batch in s.example_batches(start, self.feed, seed=seed, to_devices=to_devices)),
+            ((self.step, (state, feed.params, batch))
+             for batch in s.example_batches(start, feed, seed=seed, to_devices=to_devices)),
             evaluate.split_calls(self.logits_fn, state.params, s.dev_tok, s.mesh, self.config.eval_batch_size)))
         log.info("compiled the students step for %d batch shape(s) and evaluation for %d in %.1f s",
                  len(self.step.compiled), len(self.logits_fn.compiled), time.perf_counter() - t0)
@@ -209,13 +213,17 @@ class Sweep:
                 meta.update(saved)
                 log.info("chunk %d: resumed from step %d", index, int(jax.device_get(state.step)[0]))
             start = int(jax.device_get(state.step)[0])
+            to_devices = ((lambda b: students_.replicate_batch(b, s.mesh)) if c.shard_students
+                          else (lambda b: partitioning.shard_batch(b, s.mesh)))
+            if self.feed is None:  # the first chunk to train compiles while the teacher's pass runs
+                with setup.alongside(self._compile, state, start, points[0].seed, to_devices, self.teacher.early):
+                    self.feed = self.teacher.finish()
+            else:
+                self._compile(state, start, points[0].seed, to_devices, self.feed)
             chunk_log = loop.MetricsLog(self.workdir, start=start, total=s.total_steps, enabled=self.lead,
                                         progress=c.progress, tags={"chunk": index},
                                         desc=f"chunk {index + 1}/{len(plan.chunks)} ({len(points)} students)")
             chunk = _Chunk(self, index, graphdef, points, finished, meta, chunk_log)
-            to_devices = ((lambda b: students_.replicate_batch(b, s.mesh)) if c.shard_students
-                          else (lambda b: partitioning.shard_batch(b, s.mesh)))
-            self._compile(state, start, points[0].seed, to_devices)
             state = loop.train(chunk, state, start=start,
                                schedule=loop.Schedule.from_config(c, s.steps_per_epoch, s.total_steps),
                                batches=s.train_batches(start, self.feed, seed=points[0].seed, to_devices=to_devices),
