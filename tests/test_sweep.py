@@ -131,7 +131,10 @@ def test_best_model_is_the_best_students_best_parameters(swept):
 
 
 def test_rerun_of_a_finished_sweep_trains_nothing(swept, monkeypatch):
+    from pkd_jax import teacher_cache
+
     monkeypatch.setattr(sweep.Sweep, "train_chunk", lambda *a: pytest.fail("retrained a finished chunk"))
+    monkeypatch.setattr(teacher_cache, "build_or_load", lambda *a, **k: pytest.fail("ran the teacher's pass"))
     assert sweep.train_grid(swept["config"], swept["workdir"]) == swept["results"]
 
 
