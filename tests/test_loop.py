@@ -54,7 +54,7 @@ def _cached_pkd_config(glue_dir, teacher_dir):
 
 
 @pytest.mark.parametrize("make_config", [_finetune_config, _cached_pkd_config], ids=["finetune", "cached_pkd"])
-def test_nothing_compiles_inside_the_loop(make_config, glue_dir, sst2_teacher_dir, tmp_path, monkeypatch, one_device):
+def test_nothing_compiles_inside_the_loop(make_config, glue_dir, sst2_teacher_dir, tmp_path, monkeypatch):
     """Every batch shape of the train step and of evaluation is compiled before the loop starts:
     compile time never counts as training time, and the accelerator never waits for XLA mid-run.
     A cached-teacher run compiles on a thread during the teacher's pass, for zeros in the outputs'
@@ -98,8 +98,7 @@ def test_nothing_compiles_inside_the_loop(make_config, glue_dir, sst2_teacher_di
     logging.getLogger("jax._src.interpreters.pxla").addHandler(handler)
     jax.config.update("jax_log_compiles", True)
     try:
-        with one_device():
-            results = train.train_and_evaluate(c, tmp_path)
+        results = train.train_and_evaluate(c, tmp_path)
     finally:
         jax.config.update("jax_log_compiles", False)
         logging.getLogger("jax._src.interpreters.pxla").removeHandler(handler)
