@@ -70,7 +70,8 @@ class TeacherPass(NamedTuple):
 @contextlib.contextmanager
 def alongside(fn: Callable, *args):
     """Run `fn(*args)` on a thread while the body runs (a run compiles during the teacher's pass);
-    wait for it at the end and raise its error."""
+    wait for it at the end and raise its error. An error in the body (Ctrl-C included) is raised
+    once `fn` has returned: a compilation cannot be cut short."""
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="alongside") as pool:
         future = pool.submit(fn, *args)
         yield
