@@ -82,7 +82,8 @@ def alongside(fn: Callable, *args):
 class Setup:
     """Everything a run needs before its first step: mesh, data, teacher, student recipe.
 
-    Built by `prepare(config)`; shared by `train.train_and_evaluate` and the vmapped sweep.
+    Built by `prepare(config)`; shared by `train.train_and_evaluate`, the vmapped sweep and each
+    task of a multi-task run.
     """
 
     config: Any
