@@ -115,7 +115,7 @@ def test_add_to_gathers_rows_of_shuffled_batch(built, tok, direct):
 
 
 def test_placeholder_has_the_shapes_and_dtypes_of_the_cached_rows(built, tok):
-    """What a run compiles its cached step for, during the teacher's pass (Setup.teacher_feed)."""
+    """What a run compiles its cached step for, during the teacher's pass (Setup.teacher_pass)."""
     batch = next(data.train_batches(tok, BATCH, seed=3))
     real, zeros = built.add_to(batch), teacher_cache.placeholder(2, len(LAYER_MAP), 384)(batch)
     assert {k: (v.shape, v.dtype) for k, v in zeros.items()} == {k: (v.shape, v.dtype) for k, v in real.items()}
